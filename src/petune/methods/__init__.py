@@ -1,0 +1,19 @@
+"""The method table: adapter type -> implementation. Adding a method is one package and one line here."""
+
+from __future__ import annotations
+
+from petune.config import PeftType
+from petune.methods.base import Method
+from petune.methods.lora import Lora
+
+METHODS: dict[str, type[Method]] = {
+    PeftType.LORA.value: Lora,
+}
+
+
+def method_class(peft_type: str | PeftType) -> type[Method]:
+    """The implementation of `peft_type`, or an error listing the supported ones."""
+    key = peft_type.value if isinstance(peft_type, PeftType) else str(peft_type)
+    if key not in METHODS:
+        raise ValueError(f"peft_type {key!r} is not supported by petune; supported: {', '.join(METHODS)}")
+    return METHODS[key]
