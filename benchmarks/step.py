@@ -1,0 +1,123 @@
+"""One training-step measurement in this process: petune or HF PEFT, one method, one dtype.
+
+Prints one JSON line: median step seconds (after one warm-up step), peak RSS of the process in MB.
+Run through `benchmarks/run.py`, which starts a fresh process per measurement.
+
+    python benchmarks/step.py --impl petune --method lora --dtype fp32
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import time
+from typing import Any
+
+import torch
+
+METHODS = ["lora", "lora_all", "dora", "prompt", "ptuning", "prefix", "qlora"]
+
+
+def make_config(lib: Any, method: str) -> Any:
+    """The same adapter config for petune and peft (they share the class names and fields)."""
+    if method == "lora":
+        return lib.LoraConfig(task_type="CAUSAL_LM", r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"])
+    if method in ("lora_all", "qlora"):
+        r = 16 if method == "lora_all" else 8
+        return lib.LoraConfig(task_type="CAUSAL_LM", r=r, lora_alpha=2 * r, target_modules="all-linear")
+    if method == "dora":
+        return lib.LoraConfig(
+            task_type="CAUSAL_LM", r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], use_dora=True
+        )
+    if method == "prompt":
+        return lib.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=16)
+    if method == "ptuning":
+        return lib.PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=16, encoder_hidden_size=128)
+    if method == "prefix":
+        return lib.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=16)
+    raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
+
+
+def load_base(method: str, dtype: torch.dtype) -> Any:
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from petune.embedded import embedded_model_dir
+
+    kwargs: dict[str, Any] = {"dtype": dtype}
+    if method == "qlora":
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )
+        kwargs["dtype"] = torch.bfloat16
+    return AutoModelForCausalLM.from_pretrained(embedded_model_dir(), **kwargs)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--impl", choices=["petune", "peft"], required=True)
+    parser.add_argument("--method", choices=METHODS, required=True)
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    parser.add_argument("--checkpointing", action="store_true", help="gradient (activation) checkpointing")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=4, help="measured steps, after one warm-up step")
+    args = parser.parse_args()
+
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    model = load_base(args.method, dtype)
+    if args.impl == "peft":
+        import peft as lib
+    else:
+        import petune as lib  # type: ignore[no-redef]
+    if args.checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = lib.get_peft_model(model, make_config(lib, args.method))
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+    torch.manual_seed(0)
+    vocab = model.get_input_embeddings().weight.shape[0]
+    input_ids = torch.randint(0, vocab, (args.batch_size, args.seq_len))
+    batch = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": input_ids}
+
+    if args.impl == "petune":
+        from petune.loss import causal_lm_loss
+
+        def step_loss() -> torch.Tensor:
+            return causal_lm_loss(model, batch)
+    else:
+
+        def step_loss() -> torch.Tensor:
+            return model(**batch).loss  # type: ignore[no-any-return]
+
+    times = []
+    for _ in range(args.steps + 1):
+        start = time.perf_counter()
+        loss = step_loss()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - start)
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(
+        json.dumps(
+            {
+                "impl": args.impl,
+                "method": args.method,
+                "dtype": args.dtype,
+                "checkpointing": args.checkpointing,
+                "step_s": statistics.median(times[1:]),
+                "peak_rss_mb": peak_mb,
+                "loss": float(loss),
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,72 @@
+"""The chunked loss equals the model's own `labels=` loss, in value and in gradients."""
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+from petune import LoraConfig, get_peft_model
+from petune.loss import causal_lm_loss
+
+
+def _llama() -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2,
+    )  # fmt: skip
+    return LlamaForCausalLM(config)
+
+
+def _gpt2() -> GPT2LMHeadModel:
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(
+        GPT2Config(vocab_size=97, n_embd=32, n_layer=2, n_head=4, n_positions=64)
+    ).eval()  # no dropout
+
+
+def _batch() -> dict[str, torch.Tensor]:
+    torch.manual_seed(1)
+    input_ids = torch.randint(0, 97, (3, 11))
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[0, -3:] = 0  # a right-padded row
+    labels = input_ids.clone()
+    labels[:, :4] = -100  # completion-only: prompt tokens masked
+    labels[attention_mask == 0] = -100
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+@pytest.mark.parametrize("build", [_llama, _gpt2])
+@pytest.mark.parametrize("chunk_size", [1, 5, 1024])
+def test_chunked_loss_matches_model_loss_and_gradients(build, chunk_size):
+    batch = _batch()
+    reference = get_peft_model(build(), LoraConfig(r=4, init_lora_weights=False))
+    ours = get_peft_model(build(), LoraConfig(r=4, init_lora_weights=False))
+
+    expected = reference(**batch).loss
+    expected.backward()
+    got = causal_lm_loss(ours, batch, chunk_size=chunk_size)
+    got.backward()
+
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+    grads = {n: p.grad for n, p in reference.named_parameters() if p.requires_grad}
+    assert grads
+    for name, param in ours.named_parameters():
+        if param.requires_grad:
+            torch.testing.assert_close(param.grad, grads[name], rtol=1e-5, atol=1e-6)
+
+
+def test_num_items_divides_the_sum():
+    batch = _batch()
+    model = get_peft_model(_llama(), LoraConfig(r=4))
+    mean = causal_lm_loss(model, batch)
+    count = int((batch["labels"][:, 1:] != -100).sum())
+    torch.testing.assert_close(causal_lm_loss(model, batch, num_items=2 * count), mean / 2)
+
+
+def test_no_labels_gives_zero_loss_with_a_graph():
+    batch = _batch()
+    batch["labels"] = torch.full_like(batch["labels"], -100)
+    model = get_peft_model(_llama(), LoraConfig(r=4))
+    loss = causal_lm_loss(model, batch)
+    assert loss.item() == 0.0
+    loss.backward()  # still differentiable: an all-masked micro-batch must not crash the loop
