@@ -6,6 +6,9 @@ Switch from HF PEFT by changing the import: `from petune import LoraConfig, get_
 from petune.config import PeftConfig, PeftType, TaskType
 from petune.layers import BASE_ADAPTER
 from petune.methods.lora import LoraConfig, create_loraplus_optimizer
+from petune.methods.p_tuning import PromptEncoderConfig, PromptEncoderReparameterizationType
+from petune.methods.prefix_tuning import PrefixTuningConfig
+from petune.methods.prompt_tuning import PromptTuningConfig, PromptTuningInit
 from petune.peft_model import (
     PeftModel,
     PeftModelForCausalLM,
@@ -29,6 +32,11 @@ __all__ = [
     "PeftModelForSequenceClassification",
     "PeftModelForTokenClassification",
     "PeftType",
+    "PrefixTuningConfig",
+    "PromptEncoderConfig",
+    "PromptEncoderReparameterizationType",
+    "PromptTuningConfig",
+    "PromptTuningInit",
     "TaskType",
     "__version__",
     "create_loraplus_optimizer",

@@ -51,8 +51,9 @@ class PeftConfig:
         task_type: one of `TaskType` (or its string value); None for a plain `torch.nn.Module`.
         base_model_name_or_path: where the base model came from; filled in by `get_peft_model`.
         inference_mode: True when the adapter is loaded frozen.
-        modules_to_save: names of base-model modules (matched like `target_modules` lists) that are
-            copied, trained in full and saved with the adapter, e.g. a classification head.
+        modules_to_save: base-model modules that are copied, trained in full and saved with the adapter,
+            e.g. a classification head. As in HF PEFT, a module is picked when its qualified name ends with
+            one of these strings (no `.` boundary: `"norm"` also picks `input_layernorm`).
     """
 
     task_type: TaskType | str | None = None

@@ -23,14 +23,14 @@ PICKLE_WEIGHTS_NAME = "adapter_model.bin"
 PREFIX = "base_model.model."
 
 
-def layer_parameters(model: nn.Module, adapter_name: str) -> dict[str, nn.Parameter]:
-    """Adapter `adapter_name`'s parameters inside the model's adapter layers, by file key."""
+def layer_parameters(model: nn.Module, adapter_name: str, prefix: str = PREFIX) -> dict[str, nn.Parameter]:
+    """Adapter `adapter_name`'s parameters inside the model's adapter layers, by file key (`prefix` + name)."""
     out: dict[str, nn.Parameter] = {}
     for layer_name, layer in adapter_layers(model):
         if adapter_name not in layer.adapters:
             continue
         for param_name, param in layer.adapters[adapter_name].named_parameters():
-            out[f"{PREFIX}{layer_name}.{param_name}"] = param
+            out[f"{prefix}{layer_name}.{param_name}"] = param
     return out
 
 

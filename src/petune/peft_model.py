@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from petune import io, targets
-from petune.config import PeftConfig
+from petune.config import CLASSIFIER_MODULE_NAMES, PeftConfig
 from petune.layers import (
     BASE_ADAPTER,
     ModulesToSave,
@@ -80,16 +80,23 @@ class PeftModel(nn.Module):
         self._update_trainable()
 
     def _add_modules_to_save(self, adapter_name: str, names: list[str]) -> None:
-        found = [n for n, m in self.base_model.named_modules() if n and targets.matches(names, n)]
+        # Never reach inside an adapter layer (`...q_proj.adapters.default` must not match "default").
+        wrapped = [n for n, _ in adapter_layers(self.base_model)]
+        found = [
+            n
+            for n, _ in self.base_model.named_modules()
+            if n and targets.is_module_to_save(names, n) and not any(n.startswith(f"{w}.") for w in wrapped)
+        ]
         found = [n for n in found if not any(n.startswith(f"{f}.") for f in found)]
         if not found:
-            user_names = [n for n in names if n not in ("classifier", "score")]
+            user_names = [n for n in names if n not in CLASSIFIER_MODULE_NAMES]
             if user_names:
                 raise ValueError(f"modules_to_save={names} matched no module of {type(self.base_model).__name__}")
             return
         for module_name in found:
             module = self.base_model.get_submodule(module_name)
             if not isinstance(module, ModulesToSave):
+                module.requires_grad_(False)  # the original stays frozen (even with bias="all"); copies train
                 module = ModulesToSave(module)
                 replace_module(self.base_model, module_name, module)
             module.add(adapter_name)
@@ -115,9 +122,13 @@ class PeftModel(nn.Module):
             del self.adapter_modules[adapter_name]
         del self.peft_config[adapter_name]
         if self.active_adapter == adapter_name:
-            remaining = list(self.peft_config)
+            # HF PEFT's choice: the first remaining adapter in sorted order becomes active (and trainable).
+            remaining = sorted(self.peft_config)
             self.active_adapter = None
             if remaining:
+                warnings.warn(
+                    f"deleted the active adapter {adapter_name!r}; {remaining[0]!r} is now active", stacklevel=2
+                )
                 self.set_adapter(remaining[0])
 
     @property
@@ -192,9 +203,9 @@ class PeftModel(nn.Module):
         """The base model's forward through the active adapter (or, per row, `adapter_names`)."""
         assert self._method is not None
         with self._routing(adapter_names):
-            if not self._disabled and self.active_adapter is not None:
-                args, kwargs = self._method.prepare_inputs(*self._hook_args(), args, kwargs)
-            return self.base_model(*args, **kwargs)
+            if self._disabled or self.active_adapter is None:
+                return self.base_model(*args, **kwargs)
+            return self._method.forward(*self._hook_args(), args, kwargs)
 
     def generate(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
         """The base model's `generate` through the active adapter (or, per row, `adapter_names`)."""
@@ -216,8 +227,15 @@ class PeftModel(nn.Module):
         names = list(adapter_names) if adapter_names else self.active_adapters
         for name in names:
             self._check_exists(name)
-        self._method.merge([n for n in names if n not in self._merged], safe_merge)
-        self._merged += [n for n in names if n not in self._merged]
+        new = [n for n in names if n not in self._merged]
+        try:
+            self._method.merge(new, safe_merge)
+        except Exception:
+            # A refused safe merge must not leave some layers merged: undo this call's layers.
+            self._method.unmerge()
+            self._method.merge(self._merged, False)
+            raise
+        self._merged += new
 
     def unmerge_adapter(self) -> None:
         assert self._method is not None
@@ -256,7 +274,8 @@ class PeftModel(nn.Module):
         assert self._method is not None
         config = self.peft_config[adapter_name]
         module = self._adapter_module(adapter_name)
-        tensors = {k: p.detach() for k, p in io.layer_parameters(self.base_model, adapter_name).items()}
+        params = io.layer_parameters(self.base_model, adapter_name, self._method.file_prefix)
+        tensors = {k: p.detach() for k, p in params.items()}
         tensors.update(self._method.state_dict(adapter_name, config, module))
         return tensors
 
@@ -333,7 +352,8 @@ class PeftModel(nn.Module):
         state_dict = io.load_tensors(directory, allow_pickle=allow_pickle)
         config = self.peft_config[adapter_name]
         module = self._adapter_module(adapter_name)
-        consumed = io.copy_into(io.layer_parameters(self.base_model, adapter_name), state_dict)
+        params = io.layer_parameters(self.base_model, adapter_name, self._method.file_prefix)
+        consumed = io.copy_into(params, state_dict)
         consumed |= self._method.load_state_dict(adapter_name, config, module, state_dict)
         ignored = sorted(set(state_dict) - consumed)
         if ignored:

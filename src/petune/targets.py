@@ -47,6 +47,20 @@ def matches(patterns: str | Sequence[str], name: str) -> bool:
     return any(name == p or name.endswith(f".{p}") for p in patterns)
 
 
+def is_module_to_save(names: Sequence[str], name: str) -> bool:
+    """HF PEFT's rule for `modules_to_save`: the qualified name ends with one of `names`.
+
+    There is no `.` boundary, so `"norm"` also picks `input_layernorm`; an adapter folder only loads the
+    same in both libraries if both pick the same modules.
+    """
+    return any(name.endswith(n) for n in names)
+
+
+def is_in_module_to_save(names: Sequence[str], name: str) -> bool:
+    """True for a module to save or a module inside one: HF PEFT never puts an adapter there."""
+    return any(re.match(rf"(^|.*\.){n}($|\..*)", name) for n in names)
+
+
 def pattern_key(patterns: Sequence[str], name: str) -> str | None:
     """The key of `rank_pattern` / `alpha_pattern` that applies to module `name`, if any."""
     for key in patterns:

@@ -5,9 +5,15 @@ from __future__ import annotations
 from petune.config import PeftType
 from petune.methods.base import Method
 from petune.methods.lora import Lora
+from petune.methods.p_tuning import PTuning
+from petune.methods.prefix_tuning import PrefixTuning
+from petune.methods.prompt_tuning import PromptTuning
 
 METHODS: dict[str, type[Method]] = {
     PeftType.LORA.value: Lora,
+    PeftType.PROMPT_TUNING.value: PromptTuning,
+    PeftType.P_TUNING.value: PTuning,
+    PeftType.PREFIX_TUNING.value: PrefixTuning,
 }
 
 

@@ -24,6 +24,9 @@ class Method:
     """
 
     config_class: type[PeftConfig] = PeftConfig
+    # HF PEFT's file keys: `base_model.model.<module>` for tuners that change layers, `base_model.<module>` for
+    # prompt methods (whose wrapper nests one level less), e.g. for a classifier head in `modules_to_save`.
+    file_prefix = "base_model.model."
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
@@ -41,6 +44,13 @@ class Method:
     ) -> set[str]:
         """Load the tensors `state_dict` wrote; return the keys consumed."""
         return set()
+
+    def forward(
+        self, name: str, config: PeftConfig, module: nn.Module | None, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        """Run the base model's forward with adapter `name` active: `prepare_inputs`, then the model."""
+        args, kwargs = self.prepare_inputs(name, config, module, args, kwargs)
+        return self.model(*args, **kwargs)
 
     def prepare_inputs(
         self,

@@ -21,16 +21,29 @@ class Lora(Method):
 
     config_class = LoraConfig
 
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__(model)
+        self.bias_adapter: str | None = None  # the one adapter that may train biases (they are shared)
+
     def add(self, name: str, config: PeftConfig) -> None:
         assert isinstance(config, LoraConfig)
+        if config.bias != "none":
+            existing = {n for _, layer in adapter_layers(self.model) for n in layer.adapters}
+            if self.bias_adapter in existing:
+                raise ValueError(
+                    f"adapter {self.bias_adapter!r} already trains biases (bias != 'none'), and biases are shared "
+                    f"by all adapters: give adapter {name!r} bias='none', as HF PEFT requires"
+                )
+            self.bias_adapter = name
         if config.target_modules is None:
             config.target_modules = targets.default_target_modules(self.model)
         found = self.target_names(config)
         if config.target_modules == targets.ALL_LINEAR:
-            config.target_modules = sorted({n.rsplit(".", 1)[-1] for n in found})
+            # HF PEFT saves the qualified names it picked, so the file names exactly these layers.
+            config.target_modules = sorted(found)
         for module_name in found:
             self._add_to(module_name, name, config)
-        self._set_bias_trainable(config)
+        self._set_bias_trainable(name, config)
         return None
 
     def target_names(self, config: LoraConfig) -> list[str]:
@@ -53,7 +66,7 @@ class Lora(Method):
     def _is_target(self, module_name: str, module: nn.Module, config: LoraConfig, skip: set[str]) -> bool:
         if config.exclude_modules and targets.matches(config.exclude_modules, module_name):
             return False
-        if config.modules_to_save and targets.matches(config.modules_to_save, module_name):
+        if config.modules_to_save and targets.is_in_module_to_save(config.modules_to_save, module_name):
             return False
         if isinstance(module, ModulesToSave) or module_name in skip:
             return False
@@ -90,15 +103,21 @@ class Lora(Method):
         alpha = config.alpha_pattern[alpha_key] if alpha_key else config.lora_alpha
         module.add(name, r, alpha, config.lora_dropout, config.use_rslora, config.use_dora, config.init_lora_weights)
 
-    def _set_bias_trainable(self, config: LoraConfig) -> None:
-        for param in self._bias_params(config).values():
+    def _set_bias_trainable(self, name: str, config: LoraConfig) -> None:
+        for param in self._bias_params(name, config).values():
             param.requires_grad_(not config.inference_mode)
 
-    def _bias_params(self, config: PeftConfig) -> dict[str, nn.Parameter]:
-        """The biases `bias="all"` / `"lora_only"` train, under their model names."""
+    def _bias_params(self, name: str, config: PeftConfig) -> dict[str, nn.Parameter]:
+        """The biases `bias="all"` / `"lora_only"` train, under HF PEFT's names (without the file prefix)."""
         bias = getattr(config, "bias", "none")
         if bias == "all":
-            return {n: p for n, p in self.model.named_parameters() if n == "bias" or n.endswith(".bias")}
+            saved = [n for n, m in adapter_layers(self.model) if isinstance(m, ModulesToSave)]
+            found = {}
+            for param_name, param in self.model.named_parameters():
+                key = _hf_module_to_save_key(param_name, saved, name)
+                if key is not None and (key == "bias" or key.endswith(".bias")):
+                    found[key] = param
+            return found
         if bias == "lora_only":
             return {
                 f"{n}.base_layer.bias": m.base_layer.bias  # type: ignore[misc]
@@ -108,14 +127,14 @@ class Lora(Method):
         return {}
 
     def state_dict(self, name: str, config: PeftConfig, module: nn.Module | None) -> dict[str, torch.Tensor]:
-        return {f"base_model.model.{n}": p for n, p in self._bias_params(config).items()}
+        return {f"base_model.model.{n}": p for n, p in self._bias_params(name, config).items()}
 
     def load_state_dict(
         self, name: str, config: PeftConfig, module: nn.Module | None, state_dict: dict[str, torch.Tensor]
     ) -> set[str]:
         consumed = set()
         with torch.no_grad():
-            for param_name, param in self._bias_params(config).items():
+            for param_name, param in self._bias_params(name, config).items():
                 key = f"base_model.model.{param_name}"
                 if key in state_dict:
                     param.copy_(state_dict[key])
@@ -137,3 +156,18 @@ class Lora(Method):
     @property
     def supports_mixed_batch(self) -> bool:
         return True
+
+
+def _hf_module_to_save_key(param_name: str, saved: list[str], adapter_name: str) -> str | None:
+    """HF PEFT's name for a parameter inside a `modules_to_save` module; None for another adapter's copy.
+
+    HF PEFT keeps the original as `original_module` and the copies as `modules_to_save.<adapter>`;
+    `bias="all"` saves the biases of both under those names (the adapter name removed).
+    """
+    for module_name in saved:
+        if param_name.startswith(f"{module_name}.base_layer."):
+            return f"{module_name}.original_module.{param_name.removeprefix(f'{module_name}.base_layer.')}"
+        if param_name.startswith(f"{module_name}.adapters."):
+            owner, _, rest = param_name.removeprefix(f"{module_name}.adapters.").partition(".")
+            return f"{module_name}.modules_to_save.{rest}" if owner == adapter_name else None
+    return param_name

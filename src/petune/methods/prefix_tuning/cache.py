@@ -1,0 +1,95 @@
+"""The prefix as a transformers `Cache`, and the switch that lets it through gradient checkpointing."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from transformers.cache_utils import DynamicCache
+from transformers.modeling_layers import GradientCheckpointingLayer
+
+KeyValue = tuple[torch.Tensor, torch.Tensor]  # keys, values: (batch, kv_heads, V, head_dim) each
+
+
+def fill(cache: Any, prefix: Sequence[KeyValue]) -> Any:
+    """Append each layer's prefix to an empty cache (one `generate` made, or a caller's)."""
+    for layer_idx, (keys, values) in enumerate(prefix):
+        cache.update(keys, values, layer_idx)
+    return cache
+
+
+class PrefixCache(DynamicCache):
+    """A cache holding only the prefix and never written: `update` returns prefix + the new states.
+
+    Used by forward passes that keep no cache (training, `use_cache=False`). Running the same layer twice, as
+    gradient checkpointing does in the backward pass, sees the same keys; a `DynamicCache` would append twice.
+    Its length is the prefix's, so masks and default positions count the virtual tokens.
+    """
+
+    def __init__(self, prefix: Sequence[KeyValue]) -> None:
+        super().__init__()
+        for layer_idx, (keys, values) in enumerate(prefix):
+            super().update(keys, values, layer_idx)
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        layer: Any = self.layers[layer_idx]  # a DynamicLayer holding the prefix
+        return torch.cat([layer.keys, key_states], dim=-2), torch.cat([layer.values, value_states], dim=-2)
+
+
+def checkpointing(model: nn.Module) -> bool:
+    """True when the next forward of `model` will be gradient-checkpointed (transformers then drops caches)."""
+    return torch.is_grad_enabled() and any(
+        isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing and m.training for m in model.modules()
+    )
+
+
+@contextlib.contextmanager
+def cache_through_checkpointing(model: nn.Module, projected: bool) -> Iterator[None]:
+    """Within the block, checkpointed layers keep the (read-only) `PrefixCache` they are given.
+
+    transformers drops the cache of a checkpointed layer, because a written cache would be written again when
+    the backward pass reruns the layer. A `PrefixCache` is never written, so the layers may keep it: each is
+    marked `_can_checkpoint_with_cache` (transformers' switch for layers that only read their cache), and a
+    model-level `gradient_checkpointing` flag, which some models (GPT-2) use only to pass `cache=None` down and
+    to turn `use_cache` off, is cleared. The layers still checkpoint: they have their own flag.
+
+    Reentrant checkpointing runs a separate backward pass per layer; a prefix computed by a projection MLP
+    (`projected`) would be back-propagated through once per layer, which autograd refuses, so that
+    combination raises. A prefix that is a view of the trained table works either way.
+    """
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing]
+    if not layers:
+        yield
+        return
+    if projected and any(_reentrant(layer) for layer in layers):
+        raise ValueError(
+            "prefix tuning with prefix_projection=True needs non-reentrant gradient checkpointing, transformers' "
+            "default: gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})"
+        )
+    switches = [
+        m
+        for m in model.modules()
+        if not isinstance(m, GradientCheckpointingLayer) and getattr(m, "gradient_checkpointing", False) is True
+    ]
+    for layer in layers:
+        setattr(layer, "_can_checkpoint_with_cache", True)  # noqa: B010 (an instance attribute, undone below)
+    for module in switches:
+        setattr(module, "gradient_checkpointing", False)  # noqa: B010
+    try:
+        yield
+    finally:
+        for layer in layers:
+            delattr(layer, "_can_checkpoint_with_cache")  # the class attribute shows through again
+        for module in switches:
+            setattr(module, "gradient_checkpointing", True)  # noqa: B010
+
+
+def _reentrant(layer: nn.Module) -> bool:
+    func = getattr(layer, "_gradient_checkpointing_func", None)
+    keywords = getattr(func, "keywords", {}) or {}
+    return bool(keywords.get("use_reentrant", False))
