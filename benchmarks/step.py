@@ -69,6 +69,10 @@ def main() -> None:
     args = parser.parse_args()
 
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    if args.impl == "petune":
+        from petune.memory import return_freed_memory_to_os
+
+        return_freed_memory_to_os()  # what `petune train` does at start-up
     model = load_base(args.method, dtype)
     if args.impl == "peft":
         import peft as lib

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import torch
@@ -59,14 +60,12 @@ class LoraLayer(AdapterLayer):
         """The frozen weight as (out, in), dequantised if the base layer is 4-bit."""
         weight: torch.Tensor = self.base_layer.weight  # type: ignore[assignment]
         if weight.__class__.__name__ == "Params4bit":
-            import bitsandbytes as bnb
-
-            weight = bnb.functional.dequantize_4bit(weight.data, weight.quant_state)  # type: ignore[attr-defined]
+            weight = _dequantize_4bit(weight)
         return weight.T if self.fan_in_fan_out else weight
 
     def add(self, name: str, r: int, alpha: float, dropout: float, rslora: bool, dora: bool, init: Any) -> None:
         adapter = LoraAdapter(self.in_features, self.out_features, r, alpha, dropout, rslora, dora)
-        adapter.to(self.base_weight().device)
+        adapter.to(self.base_layer.weight.device)  # type: ignore[arg-type]
         self.adapters[name] = adapter
         with torch.no_grad():
             self._init_weights(adapter, init)
@@ -105,8 +104,30 @@ class LoraLayer(AdapterLayer):
     def _set_base_weight(self, weight: torch.Tensor) -> None:
         target: torch.Tensor = self.base_layer.weight  # type: ignore[assignment]
         if target.__class__.__name__ == "Params4bit":
-            raise NotImplementedError("writing into a 4-bit weight needs re-quantisation; dequantise first")
+            self._dequantise_base_layer()
+            target = self.base_layer.weight  # type: ignore[assignment]
         target.data.copy_((weight.T if self.fan_in_fan_out else weight).to(target.dtype))
+
+    def _dequantise_base_layer(self) -> None:
+        """Swap a 4-bit base layer for a dense one in its compute dtype, so a merge is exact.
+
+        Re-quantising W + s B A to 4 bits would add an error as large as the update itself (NF4 steps
+        are ~1/16 of a block's range), so petune keeps the merged layer dense and says so.
+        """
+        base = self.base_layer
+        dtype = getattr(base, "compute_dtype", None) or torch.bfloat16
+        bias: torch.Tensor | None = getattr(base, "bias", None)
+        dense = nn.Linear(self.in_features, self.out_features, bias=bias is not None, dtype=dtype)
+        dense.to(base.weight.device)  # type: ignore[arg-type]
+        with torch.no_grad():
+            dense.weight.copy_(self.base_weight().to(dtype))
+            if bias is not None:
+                dense.bias.copy_(bias.to(dtype))
+        dense.requires_grad_(False)
+        warnings.warn(
+            f"merging into a 4-bit layer: dequantised it to a dense {dtype} layer (not re-quantised)", stacklevel=5
+        )
+        self.base_layer = dense
 
     def _dora_weight_norm(self, adapter: LoraAdapter) -> torch.Tensor:
         """||W + s B A|| per output row, shape (out,); DoRA treats it as a constant (section 4.3)."""
@@ -166,3 +187,21 @@ class LoraLayer(AdapterLayer):
                 norm = self._merged_dora_norms.pop(name)
                 weight = weight * (norm / adapter.lora_magnitude_vector.float()).unsqueeze(1)
             self._set_base_weight(weight - adapter.delta_weight().float())
+
+
+def _dequantize_4bit(weight: Any) -> torch.Tensor:
+    """A bitsandbytes 4-bit weight as a dense (out, in) tensor in its compute dtype.
+
+    On CPU, bitsandbytes repacks a weight into an AVX512-friendly layout at its first forward pass
+    (`quant_state.packing_format_for_cpu`); `dequantize_4bit` reads only the standard layout, so the
+    repacking is undone on a copy first.
+    """
+    import copy
+
+    import bitsandbytes.functional as bnb_functional
+
+    data, state = weight.data, weight.quant_state
+    if getattr(state, "packing_format_for_cpu", False):
+        data, state = bnb_functional._convert_weight_packed_for_cpu_inverse(data, copy.deepcopy(state))
+    dense: torch.Tensor = bnb_functional.dequantize_4bit(data, state)
+    return dense
