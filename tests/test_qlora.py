@@ -8,7 +8,8 @@ from torch import nn
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
 
 import petune
-from petune.methods.lora.layer import LoraLayer, _dequantize_4bit
+from petune.methods.lora.layer import LoraLayer
+from petune.quantization import dequantize_4bit
 
 bnb = pytest.importorskip("bitsandbytes")
 peft = pytest.importorskip("peft")
@@ -42,10 +43,10 @@ IDS = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(1))
 
 def test_dequantised_weight_survives_cpu_repacking(model_dir):
     layer = load_4bit(model_dir).model.layers[0].self_attn.q_proj
-    before = _dequantize_4bit(layer.weight).clone()
+    before = dequantize_4bit(layer.weight).clone()
     x = torch.randn(3, 64, dtype=torch.bfloat16)
     y = layer(x)  # on CPU this repacks the weight in place
-    after = _dequantize_4bit(layer.weight)
+    after = dequantize_4bit(layer.weight)
     torch.testing.assert_close(after, before)
     # And the dense weight is the one the 4-bit kernel multiplies by.
     torch.testing.assert_close(y.float(), x.float() @ after.float().T, atol=2e-2, rtol=2e-2)
@@ -88,3 +89,16 @@ def test_merge_into_4bit_base_dequantises_and_keeps_the_output(model_dir, use_do
     # bf16 rounding of the merged weight is the only error left: a few percent of the logit scale at most.
     error = (merged(IDS).logits.float() - unmerged).abs().max()
     assert error <= 3e-2 * unmerged.abs().max(), error
+
+
+def test_adapters_below_a_repacked_4bit_layer_still_learn(model_dir):
+    base = load_4bit(model_dir)
+    with torch.no_grad():
+        base(IDS)  # eval mode, no grad: bitsandbytes repacks every 4-bit weight for its CPU kernel
+    model = petune.get_peft_model(base, petune.LoraConfig(r=4, target_modules=["q_proj"]))
+    model.train()
+    model(IDS, labels=IDS).loss.backward()
+    # q_proj of layer 0 sits below every other 4-bit layer: its B gets a gradient only if they pass one on.
+    for layer in model.base_model.model.layers:
+        grad = layer.self_attn.q_proj.adapters["default"].lora_B.weight.grad
+        assert grad is not None and grad.abs().sum() > 0

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.checkpoint import checkpoint
 
 IGNORE_INDEX = -100
@@ -36,8 +37,9 @@ def causal_lm_loss(
     """
     labels: torch.Tensor = batch["labels"]
     inputs = {k: v for k, v in batch.items() if k != "labels"}
-    decoder: nn.Module = model.get_decoder()  # type: ignore[operator]
-    head: nn.Module = model.get_output_embeddings()  # type: ignore[operator]
+    inner = model.module if isinstance(model, DistributedDataParallel) else model  # DDP: hooks go on the model
+    decoder: nn.Module = inner.get_decoder()  # type: ignore[operator]
+    head: nn.Module = inner.get_output_embeddings()  # type: ignore[operator]
     captured: list[torch.Tensor] = []
 
     def keep_hidden(_module: nn.Module, _args: Any, output: Any) -> None:

@@ -27,6 +27,7 @@ from petune.layers import (
 )
 from petune.methods import method_class
 from petune.methods.base import Method
+from petune.quantization import keep_4bit_layers_trainable
 
 
 class PeftModel(nn.Module):
@@ -47,6 +48,7 @@ class PeftModel(nn.Module):
         self._merged: list[str] = []
         self._disabled = False
         model.requires_grad_(False)
+        keep_4bit_layers_trainable(model)
         self.add_adapter(adapter_name, peft_config)
         self.set_adapter(adapter_name)
 

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from petune.layers import AdapterLayer
+from petune.quantization import dequantize_4bit, is_4bit
 
 
 class LoraAdapter(nn.Module):
@@ -59,8 +60,8 @@ class LoraLayer(AdapterLayer):
     def base_weight(self) -> torch.Tensor:
         """The frozen weight as (out, in), dequantised if the base layer is 4-bit."""
         weight: torch.Tensor = self.base_layer.weight  # type: ignore[assignment]
-        if weight.__class__.__name__ == "Params4bit":
-            weight = _dequantize_4bit(weight)
+        if is_4bit(weight):
+            weight = dequantize_4bit(weight)
         return weight.T if self.fan_in_fan_out else weight
 
     def add(self, name: str, r: int, alpha: float, dropout: float, rslora: bool, dora: bool, init: Any) -> None:
@@ -103,7 +104,7 @@ class LoraLayer(AdapterLayer):
 
     def _set_base_weight(self, weight: torch.Tensor) -> None:
         target: torch.Tensor = self.base_layer.weight  # type: ignore[assignment]
-        if target.__class__.__name__ == "Params4bit":
+        if is_4bit(target):
             self._dequantise_base_layer()
             target = self.base_layer.weight  # type: ignore[assignment]
         target.data.copy_((weight.T if self.fan_in_fan_out else weight).to(target.dtype))
@@ -187,21 +188,3 @@ class LoraLayer(AdapterLayer):
                 norm = self._merged_dora_norms.pop(name)
                 weight = weight * (norm / adapter.lora_magnitude_vector.float()).unsqueeze(1)
             self._set_base_weight(weight - adapter.delta_weight().float())
-
-
-def _dequantize_4bit(weight: Any) -> torch.Tensor:
-    """A bitsandbytes 4-bit weight as a dense (out, in) tensor in its compute dtype.
-
-    On CPU, bitsandbytes repacks a weight into an AVX512-friendly layout at its first forward pass
-    (`quant_state.packing_format_for_cpu`); `dequantize_4bit` reads only the standard layout, so the
-    repacking is undone on a copy first.
-    """
-    import copy
-
-    import bitsandbytes.functional as bnb_functional
-
-    data, state = weight.data, weight.quant_state
-    if getattr(state, "packing_format_for_cpu", False):
-        data, state = bnb_functional._convert_weight_packed_for_cpu_inverse(data, copy.deepcopy(state))
-    dense: torch.Tensor = bnb_functional.dequantize_4bit(data, state)
-    return dense

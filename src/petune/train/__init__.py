@@ -1,0 +1,17 @@
+"""`petune train` and friends: data files -> tokenised examples -> a training loop -> an adapter folder.
+
+data.py        JSONL/JSON/CSV records (prompt/completion, Alpaca, chat) -> token ids + loss masks
+config.py      TrainConfig: every option, its default and help, YAML + dotted flag overrides
+methods.py     `--method` name -> adapter config (and the 4-bit base for qlora)
+loop.py        the training loop, top to bottom
+checkpoint.py  atomic checkpoints and resume
+evaluate.py    held-out loss, generation and accuracy
+commands.py    generate / chat / eval / merge
+plot.py        the loss curve
+"""
+
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """A problem with what the user asked for (a file, a field, an option): shown as one line, no traceback."""

@@ -1,0 +1,243 @@
+"""`TrainConfig`: every `petune train` option in one typed dataclass, with its default and help.
+
+Options come from three layers, later ones winning: the defaults here (which are the demo run), a YAML
+file (`--config run.yaml`), and command-line flags. Method options are nested sections named like
+HF PEFT's config fields: `lora: {r: 16}` in YAML is `--lora.r 16` on the command line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from petune.train import UserError
+
+METHOD_NAMES = ("lora", "dora", "rslora", "qlora", "prompt", "ptuning", "prefix")
+SCHEDULES = ("linear", "cosine", "constant")
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
+def option(default: Any, help: str) -> Any:
+    """A dataclass field carrying its help text (shown by `petune train --help`)."""
+    if isinstance(default, list | dict):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class LoraOptions:
+    """LoRA options (also used by dora, rslora and qlora); names as in `LoraConfig`."""
+
+    r: int = option(8, "rank of the low-rank update")
+    lora_alpha: float = option(16.0, "the update is scaled by lora_alpha / r (rslora: / sqrt(r))")
+    lora_dropout: float = option(0.0, "dropout on the input of the low-rank path")
+    target_modules: list[str] | None = option(  # noqa: RUF009 (a fresh field per instance: option() is field())
+        None, "layers to adapt: comma-separated names, or all-linear; default: the model's attention q/v"
+    )
+
+
+@dataclass
+class QloraOptions:
+    """How qlora quantises the frozen base model (bitsandbytes; Dettmers et al. 2023)."""
+
+    bnb_4bit_quant_type: str = option("nf4", "4-bit data type: nf4 or fp4")
+    bnb_4bit_use_double_quant: bool = option(True, "quantise the quantisation constants too (section 3)")
+
+
+@dataclass
+class PromptOptions:
+    """Prompt tuning (Lester et al. 2021); names as in `PromptTuningConfig`."""
+
+    num_virtual_tokens: int = option(20, "number of trained virtual tokens prepended to the input")
+    prompt_tuning_init_text: str | None = option(None, "initialise the virtual tokens from this text")
+
+
+@dataclass
+class PtuningOptions:
+    """P-tuning (Liu et al. 2021); names as in `PromptEncoderConfig`."""
+
+    num_virtual_tokens: int = option(20, "number of virtual tokens")
+    encoder_hidden_size: int = option(128, "hidden size of the prompt encoder")
+    encoder_reparameterization_type: str = option("MLP", "prompt encoder: MLP or LSTM")
+
+
+@dataclass
+class PrefixOptions:
+    """Prefix tuning (Li & Liang 2021); names as in `PrefixTuningConfig`."""
+
+    num_virtual_tokens: int = option(20, "number of prefix positions per layer")
+    prefix_projection: bool = option(False, "produce the prefix through a trained MLP (section 4.3)")
+    encoder_hidden_size: int = option(512, "hidden size of that MLP")
+
+
+@dataclass
+class TrainConfig:
+    """Everything `petune train` does. The defaults are the demo run on the embedded SmolLM2-135M-Instruct."""
+
+    model: str | None = option(None, "base model: HF folder, .gguf file or hub id; default: embedded SmolLM2-135M")
+    data: str | None = option(None, "training data (.jsonl, .json, .csv); default: the bundled demo set")
+    val_data: str | None = option(None, "held-out data file; default: --val-fraction of --data")
+    val_fraction: float = option(0.1, "share of --data held out when there is no --val-data")
+    output: str | None = option(None, "run folder; default: runs/<method>-<date>-<time>")
+    method: str = option("lora", f"adapter method: {' | '.join(METHOD_NAMES)}")
+    max_steps: int = option(30, "optimizer steps")
+    batch_size: int = option(8, "records per micro-batch, per process")
+    grad_accum: int = option(1, "micro-batches per optimizer step (global batch = batch-size x grad-accum x nproc)")
+    lr: float | None = option(None, "peak learning rate; default: 2e-3 for LoRA methods, 3e-2 for prompt methods")
+    schedule: str = option("cosine", f"learning-rate schedule after warmup: {' | '.join(SCHEDULES)}")
+    warmup_steps: int = option(3, "steps of linear warmup from 0 to --lr")
+    weight_decay: float = option(0.0, "AdamW weight decay")
+    max_grad_norm: float = option(1.0, "clip the gradient norm to this (0: no clipping)")
+    max_length: int = option(512, "tokens per example; longer examples are cut at the end (and counted)")
+    train_on_prompt: bool = option(False, "also train on prompt tokens (default: loss on completions only)")
+    packing: bool = option(False, "pack several examples into each max-length row")
+    precision: str = option("auto", f"{' | '.join(PRECISIONS)}; auto: bf16 on a GPU that supports it, else fp32")
+    eval_every: int = option(10, "held-out loss every N steps (0: only at the end)")
+    save_every: int = option(10, "checkpoint every N steps (0: none)")
+    keep_checkpoints: int = option(2, "how many recent checkpoints to keep")
+    eval_samples: int = option(60, "held-out records scored by generation (exact match) before and after; 0: none")
+    eval_before: bool = option(True, "also score the base model before training")
+    seed: int = option(0, "seed for adapter init, data order and dropout")
+    nproc: int = option(1, "data-parallel processes (gloo on CPU); `accelerate launch --multi_gpu` works too")
+    resume: bool = option(False, "continue the run in --output from its latest checkpoint")
+    overwrite: bool = option(False, "replace an existing --output folder")
+    lora: LoraOptions = field(default_factory=LoraOptions)
+    qlora: QloraOptions = field(default_factory=QloraOptions)
+    prompt: PromptOptions = field(default_factory=PromptOptions)
+    ptuning: PtuningOptions = field(default_factory=PtuningOptions)
+    prefix: PrefixOptions = field(default_factory=PrefixOptions)
+
+    def __post_init__(self) -> None:
+        choices = {"method": METHOD_NAMES, "schedule": SCHEDULES, "precision": PRECISIONS}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise UserError(f"--{name} {getattr(self, name)!r} is unknown; choose one of: {', '.join(allowed)}")
+        positive = ["max_steps", "batch_size", "grad_accum", "max_length", "nproc", "keep_checkpoints"]
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise UserError(f"--{_flag(name)} must be at least 1, got {getattr(self, name)}")
+        for name in ["warmup_steps", "eval_every", "save_every", "eval_samples", "max_grad_norm", "weight_decay"]:
+            if getattr(self, name) < 0:
+                raise UserError(f"--{_flag(name)} must not be negative, got {getattr(self, name)}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise UserError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
+        if self.lr is not None and self.lr <= 0:
+            raise UserError(f"--lr must be positive, got {self.lr}")
+        if self.resume and self.output is None:
+            raise UserError("--resume needs --output, the run folder to continue")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save(self, path: Path) -> None:
+        path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _fields(cls: type) -> dict[str, tuple[Any, dataclasses.Field[Any]]]:
+    """{name: (resolved type, field)} of a config dataclass."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: (hints[f.name], f) for f in dataclasses.fields(cls)}
+
+
+def option_table() -> list[tuple[str, Any, Any, str]]:
+    """(dotted name, type, default, help) for every option, nested sections included."""
+    rows = []
+    for name, (hint, f) in _fields(TrainConfig).items():
+        if dataclasses.is_dataclass(hint):
+            for sub, (sub_hint, sub_f) in _fields(hint).items():  # type: ignore[arg-type]
+                rows.append((f"{name}.{sub}", sub_hint, _default(sub_f), sub_f.metadata["help"]))
+        else:
+            rows.append((name, hint, _default(f), f.metadata["help"]))
+    return rows
+
+
+def _default(f: dataclasses.Field[Any]) -> Any:
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
+def coerce(value: Any, hint: Any, name: str) -> Any:
+    """`value` (a flag's string or a YAML value) as type `hint`, or a UserError naming option `name`."""
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            return None
+        hint = next(a for a in args if a is not type(None))
+    try:
+        if hint is bool:
+            if isinstance(value, bool):
+                return value
+            text = str(value).lower()
+            if text not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError
+            return text in ("true", "1", "yes")
+        if typing.get_origin(hint) is list:
+            items = value.split(",") if isinstance(value, str) else list(value)
+            return [str(item).strip() for item in items if str(item).strip()]
+        if hint is int and isinstance(value, float | bool):
+            raise ValueError
+        return hint(value)
+    except (ValueError, TypeError):
+        type_name = getattr(hint, "__name__", str(hint))
+        raise UserError(f"option {name} expects {type_name}, got {value!r}") from None
+
+
+def flatten(values: dict[str, Any]) -> dict[str, Any]:
+    """`{"lora": {"r": 16}}` -> `{"lora.r": 16}`; dotted keys and `-` for `_` are accepted as they are."""
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        key = str(key).replace("-", "_")
+        if isinstance(value, dict):
+            flat.update({f"{key}.{sub}": sub_value for sub, sub_value in flatten(value).items()})
+        else:
+            flat[key] = value
+    return flat
+
+
+def build_config(*layers: dict[str, Any]) -> TrainConfig:
+    """A validated TrainConfig from option mappings (YAML files, flags), later layers winning."""
+    values: dict[str, Any] = {}
+    for layer in layers:
+        values.update(flatten(layer))
+    table = {name: hint for name, hint, _, _ in option_table()}
+    unknown = sorted(k for k in values if k not in table)
+    if unknown:
+        raise UserError(f"unknown option(s): {', '.join(unknown)}; see `petune train --help`")
+    top: dict[str, Any] = {}
+    nested: dict[str, dict[str, Any]] = {}
+    for key, value in values.items():
+        typed = coerce(value, table[key], key)
+        section, _, sub = key.partition(".")
+        if sub:
+            nested.setdefault(section, {})[sub] = typed
+        else:
+            top[key] = typed
+    sections: dict[str, Any] = {n: h for n, (h, _) in _fields(TrainConfig).items() if dataclasses.is_dataclass(h)}
+    for section, sub_values in nested.items():
+        top[section] = sections[section](**sub_values)
+    return TrainConfig(**top)
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """A YAML config file as a mapping, with clear errors for a missing or malformed file."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise UserError(f"{path} is not valid YAML: {error}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"{path} must hold a mapping of option: value, not a {type(data).__name__}")
+    return data

@@ -1,0 +1,292 @@
+"""Training data: files -> records -> token ids with a loss mask -> padded batches.
+
+Three record shapes are understood, one per record (a file may mix them):
+
+    {"prompt": ..., "completion": ...}                       text; the completion is followed by EOS
+    {"instruction": ..., "input": ..., "output": ...}        Alpaca, rendered with Alpaca's prompt
+    {"messages": [{"role": ..., "content": ...}, ...]}       chat, rendered with the tokenizer's template
+
+A record becomes `segments`: pieces of text marked prompt or completion. Each piece is tokenised on
+its own, so the model trains on exactly the tokens it will see when it generates after the prompt.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from petune.train import UserError
+
+IGNORE_INDEX = -100  # label of a token that carries no loss (cross_entropy's ignore_index)
+DEMO_DIR = Path(__file__).resolve().parent.parent / "data"
+DEMO_TRAIN, DEMO_VAL = DEMO_DIR / "demo_train.jsonl", DEMO_DIR / "demo_val.jsonl"
+EXPECTED = "prompt + completion, instruction (+ input) + output, or messages"
+
+ALPACA_PROMPT = (
+    "Below is an instruction that describes a task{with_input}. Write a response that appropriately completes "
+    "the request.\n\n### Instruction:\n{instruction}\n\n{input_block}### Response:\n"
+)
+
+
+@dataclass
+class Record:
+    """One record as text. `templated`: the text already holds special tokens (a chat template)."""
+
+    segments: list[tuple[str, bool]]  # (text, is_completion), in order
+    reference: str  # the expected answer: the (last) completion, for accuracy
+    templated: bool
+    where: str  # "file:line", for messages
+    question: str = ""  # the request alone (last user message, instruction or prompt), for display
+
+    @property
+    def prompt(self) -> str:
+        """Everything before the last completion: what generation starts from."""
+        last = max(i for i, (_, is_completion) in enumerate(self.segments) if is_completion)
+        return "".join(text for text, _ in self.segments[:last])
+
+
+@dataclass
+class Example:
+    """A tokenised record: `labels[i]` is `input_ids[i]`, or IGNORE_INDEX where no loss is taken."""
+
+    input_ids: list[int]
+    labels: list[int]
+
+
+def read_rows(path: str | Path) -> list[tuple[str, dict[str, Any]]]:
+    """(location, raw record) for each record of a .jsonl, .json or .csv file."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"data file {path} does not exist")
+    suffix = path.suffix.lower()
+    rows: list[tuple[str, Any]] = []
+    if suffix == ".jsonl":
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+            if line.strip():
+                rows.append((f"{path}:{number}", _json(line, f"{path}:{number}")))
+    elif suffix == ".json":
+        data = _json(path.read_text(encoding="utf-8"), str(path))
+        if not isinstance(data, list):
+            raise UserError(f"{path}: expected a JSON list of records, got a {type(data).__name__}")
+        rows = [(f"{path}: record {number}", item) for number, item in enumerate(data, start=1)]
+    elif suffix == ".csv":
+        with path.open(newline="", encoding="utf-8") as handle:
+            reader = csv.DictReader(handle)
+            # a CSV row has every column: an empty cell is a field the record does not have
+            rows = [(f"{path}:{reader.line_num}", {k: v for k, v in row.items() if v}) for row in reader]
+    else:
+        raise UserError(f"{path}: unsupported data file type {suffix or '(none)'!r}; use .jsonl, .json or .csv")
+    for where, row in rows:
+        if not isinstance(row, dict):
+            raise UserError(f"{where}: a record must be an object with fields ({EXPECTED}), got {row!r:.80}")
+    if not rows:
+        raise UserError(f"{path} holds no records")
+    return rows
+
+
+def _json(text: str, where: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise UserError(f"{where}: not valid JSON ({error.msg}, column {error.colno})") from None
+
+
+def _text(row: dict[str, Any], key: str, where: str) -> str:
+    value = row.get(key)
+    if value is None or isinstance(value, dict | list):
+        raise UserError(f"{where}: field {key!r} must be text, got {value!r:.80}")
+    return str(value)
+
+
+def parse_record(row: dict[str, Any], where: str, tokenizer: PreTrainedTokenizerBase) -> Record:
+    """A training record, whatever its shape; an error naming the record and the fields expected."""
+    if "messages" in row:
+        return _chat_record(_messages(row, where), where, tokenizer)
+    if "prompt" in row and "completion" in row:
+        prompt, completion = _text(row, "prompt", where), _text(row, "completion", where)
+        return Record([(prompt, False), (completion, True)], completion.strip(), False, where, prompt.strip())
+    if "instruction" in row and "output" in row:
+        output = _text(row, "output", where)
+        segments = [(_alpaca_prompt(row, where), False), (output, True)]
+        return Record(segments, output.strip(), False, where, _text(row, "instruction", where))
+    raise UserError(f"{where}: record has fields {sorted(row)}; expected {EXPECTED}")
+
+
+def parse_prompt(row: dict[str, Any], where: str, tokenizer: PreTrainedTokenizerBase) -> tuple[str, bool]:
+    """(prompt text, templated) of a record to generate from; a trailing answer, if any, is left out."""
+    if "messages" in row:
+        messages = _messages(row, where, need_answer=False)
+        while messages and messages[-1]["role"] == "assistant":
+            messages = messages[:-1]
+        return _apply_template(tokenizer, messages, where, True), True
+    if "prompt" in row:
+        return _text(row, "prompt", where), False
+    if "instruction" in row:
+        return _alpaca_prompt(row, where), False
+    raise UserError(f"{where}: record has fields {sorted(row)}; expected prompt, instruction (+ input) or messages")
+
+
+def _alpaca_prompt(row: dict[str, Any], where: str) -> str:
+    extra = str(row.get("input") or "")
+    return ALPACA_PROMPT.format(
+        with_input=", paired with an input that provides further context" if extra else "",
+        instruction=_text(row, "instruction", where),
+        input_block=f"### Input:\n{extra}\n\n" if extra else "",
+    )
+
+
+def _messages(row: dict[str, Any], where: str, need_answer: bool = True) -> list[dict[str, str]]:
+    messages = row["messages"]
+    if isinstance(messages, str):  # a CSV column holding JSON
+        messages = _json(messages, where)
+    ok = isinstance(messages, list) and messages and all(isinstance(m, dict) for m in messages)
+    if ok and all({"role", "content"} <= set(m) for m in messages):
+        if not need_answer or any(m["role"] == "assistant" for m in messages):
+            return [{"role": str(m["role"]), "content": str(m["content"])} for m in messages]
+        raise UserError(f"{where}: a chat record needs at least one message with role 'assistant' to learn from")
+    raise UserError(f"{where}: 'messages' must be a non-empty list of {{'role': ..., 'content': ...}} objects")
+
+
+def _apply_template(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], where: str, gen: bool) -> str:
+    if not getattr(tokenizer, "chat_template", None):
+        raise UserError(f"{where}: chat records need a tokenizer with a chat template, and this one has none")
+    try:
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen)
+    except Exception as error:  # jinja raises its own errors for conversations a template rejects
+        raise UserError(f"{where}: the chat template rejected this conversation: {error}") from None
+    return str(text)
+
+
+def _chat_record(messages: list[dict[str, str]], where: str, tokenizer: PreTrainedTokenizerBase) -> Record:
+    """Split the rendered chat into prompt pieces and assistant turns (the completions).
+
+    Each assistant turn is what the template adds between "conversation so far + generation prompt" and
+    "conversation including this turn": the answer and the template's end-of-turn tokens.
+    """
+    segments: list[tuple[str, bool]] = []
+    done = ""
+    for index, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before = _apply_template(tokenizer, messages[:index], where, True)
+        after = _apply_template(tokenizer, messages[: index + 1], where, False)
+        if not (before.startswith(done) and after.startswith(before)):
+            raise UserError(f"{where}: this chat template does not render a conversation as a growing prefix")
+        segments += [(before[len(done) :], False), (after[len(before) :], True)]
+        done = after
+    reference = next(m["content"] for m in reversed(messages) if m["role"] == "assistant")
+    question = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
+    return Record(segments, reference.strip(), True, where, question)
+
+
+def tokenize(
+    record: Record, tokenizer: PreTrainedTokenizerBase, max_length: int, train_on_prompt: bool
+) -> tuple[Example, bool]:
+    """(example, was_truncated). Prompt tokens get IGNORE_INDEX labels unless `train_on_prompt`."""
+    input_ids: list[int] = []
+    labels: list[int] = []
+    first_completion = None
+    for index, (text, is_completion) in enumerate(record.segments):
+        special = index == 0 and not record.templated  # BOS, for tokenizers that add one
+        ids = tokenizer(text, add_special_tokens=special)["input_ids"]
+        if is_completion and first_completion is None:
+            first_completion = len(input_ids)
+        input_ids += ids
+        labels += ids if is_completion or train_on_prompt else [IGNORE_INDEX] * len(ids)
+    if not record.templated and tokenizer.eos_token_id is not None:
+        input_ids.append(tokenizer.eos_token_id)  # so the model learns to stop
+        labels.append(tokenizer.eos_token_id)
+    if first_completion is not None and first_completion >= max_length:
+        raise UserError(
+            f"{record.where}: the prompt is {first_completion} tokens, but --max-length is {max_length}; "
+            f"raise --max-length or shorten the prompt"
+        )
+    truncated = len(input_ids) > max_length
+    return Example(input_ids[:max_length], labels[:max_length]), truncated
+
+
+def pack(examples: Sequence[Example], max_length: int) -> list[Example]:
+    """Concatenate consecutive examples into rows of at most `max_length` tokens (none is split).
+
+    Examples in one row can attend to the earlier ones in it (no block-diagonal mask), as in TRL's
+    packing; the labels still only cover each example's own completion.
+    """
+    rows: list[Example] = []
+    for example in examples:
+        if rows and len(rows[-1].input_ids) + len(example.input_ids) <= max_length:
+            rows[-1].input_ids += example.input_ids
+            rows[-1].labels += example.labels
+        else:
+            rows.append(Example(list(example.input_ids), list(example.labels)))
+    return rows
+
+
+def collate(examples: Sequence[Example], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded batch: input_ids, attention_mask and labels, each (B, T) with T the longest example."""
+    length = max(len(e.input_ids) for e in examples)
+    input_ids = torch.full((len(examples), length), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(examples), length), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), length), dtype=torch.long)
+    for row, example in enumerate(examples):
+        size = len(example.input_ids)
+        input_ids[row, :size] = torch.tensor(example.input_ids)
+        labels[row, :size] = torch.tensor(example.labels)
+        attention_mask[row, :size] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+@dataclass
+class Dataset:
+    """Tokenised train and held-out examples, plus the held-out records for generation accuracy."""
+
+    train: list[Example]
+    val: list[Example]
+    val_records: list[Record]
+    train_records: int
+    truncated: int
+
+
+def load_records(path: str | Path, tokenizer: PreTrainedTokenizerBase) -> list[Record]:
+    return [parse_record(row, where, tokenizer) for where, row in read_rows(path)]
+
+
+def load_dataset(
+    tokenizer: PreTrainedTokenizerBase,
+    data: str | None,
+    val_data: str | None,
+    val_fraction: float,
+    max_length: int,
+    train_on_prompt: bool = False,
+    packing: bool = False,
+    seed: int = 0,
+) -> Dataset:
+    """Read, split, tokenise (and optionally pack) the data; `data=None` is the bundled demo set."""
+    if data is None:
+        data, val_data = str(DEMO_TRAIN), val_data or str(DEMO_VAL)
+    records = load_records(data, tokenizer)
+    if val_data is not None:
+        val_records = load_records(val_data, tokenizer)
+    elif val_fraction > 0 and len(records) > 1:
+        order = list(range(len(records)))
+        random.Random(seed).shuffle(order)
+        held = set(order[: max(1, math.ceil(val_fraction * len(records)))])
+        val_records = [r for i, r in enumerate(records) if i in held]
+        records = [r for i, r in enumerate(records) if i not in held]
+    else:
+        val_records = []
+    train = [tokenize(r, tokenizer, max_length, train_on_prompt) for r in records]
+    val = [tokenize(r, tokenizer, max_length, train_on_prompt)[0] for r in val_records]
+    examples = [example for example, _ in train]
+    if packing:
+        examples = pack(examples, max_length)
+    truncated = sum(was_cut for _, was_cut in train)
+    return Dataset(examples, val, val_records, len(records), truncated)

@@ -1,0 +1,235 @@
+"""The training loop, top to bottom: load -> wrap -> (resume) -> steps -> adapter, metrics, plot, eval.
+
+One optimizer step takes a global batch of `batch_size x grad_accum x processes` examples. Each
+process sums its token losses and every sum is divided by the token count of the whole global batch,
+so one process with 2 micro-batches, or 2 processes with 1 each, compute the same update.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase
+
+from petune import PeftModel, get_peft_model
+from petune.embedded import resolve_model_path
+from petune.memory import return_freed_memory_to_os
+from petune.train import UserError, checkpoint, report
+from petune.train.config import TrainConfig
+from petune.train.data import IGNORE_INDEX, Dataset, collate, load_dataset
+from petune.train.evaluate import accuracy, heldout_loss, token_loss_sum
+from petune.train.methods import learning_rate, load_base, peft_config
+
+
+@dataclass
+class Run:
+    """What one training run holds, built by `setup`."""
+
+    cfg: TrainConfig
+    accelerator: Accelerator
+    run_dir: Path
+    model: PeftModel
+    tokenizer: PreTrainedTokenizerBase
+    data: Dataset
+    optimizer: torch.optim.Optimizer
+    peak_lr: float
+    use_bf16: bool
+
+    @property
+    def global_batch(self) -> int:
+        return self.cfg.batch_size * self.cfg.grad_accum * self.accelerator.num_processes
+
+
+def train(cfg: TrainConfig) -> dict[str, Any]:
+    """Run `cfg` and return the final results (also written to `<output>/eval.json`)."""
+    run = setup(cfg)
+    start_step, results = resume_or_score_base(run)
+    train_steps(run, start_step)
+    return finish(run, results)
+
+
+def setup(cfg: TrainConfig) -> Run:
+    """The run folder, base model, data, adapter and optimizer."""
+    return_freed_memory_to_os()  # freed activations go back to the OS: a lower peak RSS on CPU
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())  # cpu=True: gloo between CPU processes
+    cfg.nproc = accelerator.num_processes  # as launched (`--nproc` or torchrun)
+    if cfg.nproc > 1 and accelerator.device.type == "cpu":
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // cfg.nproc))
+    main = accelerator.is_main_process
+    run_dir = report.prepare_run_dir(cfg) if main else Path(str(cfg.output))
+    accelerator.wait_for_everyone()
+
+    torch.manual_seed(cfg.seed)
+    use_bf16 = cfg.precision == "bf16" or (
+        cfg.precision == "auto" and accelerator.device.type == "cuda" and torch.cuda.is_bf16_supported()
+    )
+    base, tokenizer = load_base(cfg, torch.bfloat16 if use_bf16 else torch.float32)
+    data = load_dataset(
+        tokenizer, cfg.data, cfg.val_data, cfg.val_fraction, cfg.max_length, cfg.train_on_prompt, cfg.packing, cfg.seed
+    )
+    model = get_peft_model(base, peft_config(cfg, resolve_model_path(cfg.model)))
+    if cfg.method != "qlora":  # a 4-bit model is placed when loaded
+        model.to(accelerator.device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    peak_lr = learning_rate(cfg)
+    optimizer = torch.optim.AdamW(params, lr=peak_lr, weight_decay=cfg.weight_decay)
+    run = Run(cfg, accelerator, run_dir, model, tokenizer, data, optimizer, peak_lr, use_bf16)
+    if main:
+        report.describe_start(cfg, run_dir, data, model, run.global_batch, peak_lr)
+        cfg.save(run_dir / "config.yaml")
+    return run
+
+
+def resume_or_score_base(run: Run) -> tuple[int, dict[str, Any]]:
+    """(first step, results so far): the latest checkpoint's state, or the base model's accuracy."""
+    cfg, main = run.cfg, run.accelerator.is_main_process
+    start_step, results = 0, report.read_results(run.run_dir)
+    found = checkpoint.latest(run.run_dir) if cfg.resume else None
+    if found is not None:
+        state = checkpoint.load(found, run.model, run.optimizer, run.accelerator.process_index)
+        if state["global_batch"] != run.global_batch:
+            raise UserError(f"{found} was made with a global batch of {state['global_batch']}, not {run.global_batch}")
+        start_step = state["step"]
+    elif main and cfg.eval_before and cfg.eval_samples and run.data.val_records and "before" not in results:
+        with run.model.disable_adapter():
+            results["before"] = accuracy(run.model, run.tokenizer, run.data.val_records[: cfg.eval_samples])
+        report.write_results(run.run_dir, results)  # kept for a resumed run
+        print(f"base model, held-out exact match: {results['before']['exact_match']:.1%}")
+    if main and cfg.resume:
+        report.truncate_metrics(run.run_dir, start_step)  # rows a killed run logged after its checkpoint
+        print(f"resuming from {found} (step {start_step})" if found else "no checkpoint yet: starting from step 0")
+    run.accelerator.wait_for_everyone()
+    return start_step, results
+
+
+def train_steps(run: Run, start_step: int) -> None:
+    """Optimizer steps `start_step` .. `max_steps` - 1, with held-out loss and checkpoints every N steps."""
+    cfg, accelerator = run.cfg, run.accelerator
+    trained = accelerator.prepare(run.model) if cfg.nproc > 1 else run.model  # DistributedDataParallel
+    trained.train()
+    metrics = report.Metrics(run.run_dir / "metrics.jsonl", enabled=accelerator.is_main_process)
+    bar = tqdm(total=cfg.max_steps, initial=start_step, disable=not accelerator.is_main_process or None, unit="step")
+    for step in range(start_step, cfg.max_steps):
+        row = optimizer_step(run, trained, step)
+        metrics.log(row)
+        bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
+        bar.update(1)
+        done = step + 1
+        if done == cfg.max_steps:
+            break
+        if run.data.val and cfg.eval_every and done % cfg.eval_every == 0:
+            evaluation = heldout(run)
+            metrics.log({"step": done, "eval_loss": evaluation["loss"], "eval_perplexity": evaluation["perplexity"]})
+            if accelerator.is_main_process:
+                bar.write(f"step {done}: loss {row['loss']:.4f}, held-out loss {evaluation['loss']:.4f}")
+        if cfg.save_every and done % cfg.save_every == 0:
+            extra = {"global_batch": run.global_batch, "examples_seen": done * run.global_batch}
+            rank, barrier = accelerator.process_index, accelerator.wait_for_everyone
+            checkpoint.save(run.run_dir, done, run.model, run.optimizer, extra, rank, barrier, cfg.keep_checkpoints)
+    bar.close()
+
+
+def optimizer_step(run: Run, trained: nn.Module, step: int) -> dict[str, float]:
+    """One step on this process's share of the global batch; returns the metrics row."""
+    cfg, accelerator, world = run.cfg, run.accelerator, run.accelerator.num_processes
+    started = time.perf_counter()
+    lr = lr_at(step, cfg, run.peak_lr)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    pad = run.tokenizer.pad_token_id
+    batches = [
+        collate([run.data.train[i] for i in ids], pad)
+        for ids in micro_batches(step, len(run.data.train), cfg, world, accelerator.process_index)
+    ]
+    batches = [{k: v.to(accelerator.device) for k, v in b.items()} for b in batches]
+    labelled = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
+    seen = sum(int(b["attention_mask"].sum()) for b in batches)
+    counts = torch.tensor([labelled, seen], dtype=torch.float64, device=accelerator.device)
+    counts = accelerator.reduce(counts, "sum") if world > 1 else counts  # over the global batch
+    loss_total = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+    for index, batch in enumerate(batches):
+        last = index == len(batches) - 1
+        with contextlib.nullcontext() if last or world == 1 else accelerator.no_sync(trained):
+            with torch.autocast(accelerator.device.type, dtype=torch.bfloat16, enabled=run.use_bf16):
+                loss_sum, _ = token_loss_sum(trained, batch)
+            # DDP averages gradients over processes; x world turns that average back into a sum.
+            (loss_sum * world / counts[0].clamp(min=1)).backward()
+        loss_total += loss_sum.detach().double()
+    params = [p for group in run.optimizer.param_groups for p in group["params"]]
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or math.inf)
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    loss_total = accelerator.reduce(loss_total, "sum") if world > 1 else loss_total
+    loss = (loss_total / counts[0].clamp(min=1)).item()
+    tokens_per_s = counts[1].item() / (time.perf_counter() - started)
+    return {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": grad_norm.item(), "tokens_per_s": tokens_per_s}
+
+
+def finish(run: Run, results: dict[str, Any]) -> dict[str, Any]:
+    """Final held-out loss and accuracy; the adapter, eval.json, plot and summary (main process)."""
+    cfg = run.cfg
+    final = heldout(run) if run.data.val else None
+    if run.accelerator.is_main_process:
+        if final is not None:
+            row = {"step": cfg.max_steps, "eval_loss": final["loss"], "eval_perplexity": final["perplexity"]}
+            report.Metrics(run.run_dir / "metrics.jsonl", enabled=True).log(row)
+            results["heldout"] = final
+        if cfg.eval_samples and run.data.val_records:
+            results["after"] = accuracy(run.model, run.tokenizer, run.data.val_records[: cfg.eval_samples])
+        report.finish(run.run_dir, run.model, cfg, results, run.data)
+    run.accelerator.wait_for_everyone()
+    return results
+
+
+def heldout(run: Run) -> dict[str, float]:
+    """Held-out loss, each process scoring its share of the examples."""
+    accelerator = run.accelerator
+    share = run.data.val[accelerator.process_index :: accelerator.num_processes]
+    reduce = functools.partial(accelerator.reduce, reduction="sum") if accelerator.num_processes > 1 else None
+    pad = run.tokenizer.pad_token_id
+    return heldout_loss(run.model, share, pad, run.cfg.batch_size, accelerator.device, reduce)
+
+
+def lr_at(step: int, cfg: TrainConfig, peak: float) -> float:
+    """Learning rate of optimizer step `step` (0-based): linear warmup, then the schedule down to 0."""
+    if step < cfg.warmup_steps:
+        return peak * (step + 1) / (cfg.warmup_steps + 1)
+    progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+    if cfg.schedule == "linear":
+        return peak * (1.0 - progress)
+    if cfg.schedule == "cosine":
+        return peak * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return peak
+
+
+@functools.lru_cache(maxsize=4)
+def _epoch_order(count: int, seed: int, epoch: int) -> list[int]:
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(count, generator=generator).tolist()
+
+
+def micro_batches(step: int, count: int, cfg: TrainConfig, world: int, rank: int) -> list[list[int]]:
+    """Indices of the examples process `rank` trains on at `step`, one list per micro-batch.
+
+    The examples are a fixed shuffled stream (a new permutation per epoch), so the data position is
+    the step number: resuming needs no sampler state. Micro-batch m of process r is slice m * world + r
+    of the global batch, so the global batch does not depend on how it is split.
+    """
+    size = cfg.batch_size
+    first = step * size * cfg.grad_accum * world
+    batches = []
+    for micro in range(cfg.grad_accum):
+        start = first + (micro * world + rank) * size
+        batches.append([_epoch_order(count, cfg.seed, k // count)[k % count] for k in range(start, start + size)])
+    return batches

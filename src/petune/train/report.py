@@ -1,0 +1,159 @@
+"""The run folder and what the user reads: config, metrics.jsonl, the adapter, eval.json, the plot.
+
+<run>/config.yaml        the resolved options (`petune train --config <run>/config.yaml` repeats the run)
+<run>/metrics.jsonl      one JSON object per step (loss, lr, grad_norm, tokens_per_s) and per evaluation
+<run>/adapter/           the trained adapter, HF PEFT format
+<run>/eval.json          held-out loss and accuracy, before and after, with the generations
+<run>/loss.png           training and held-out loss per step
+<run>/checkpoints/       see checkpoint.py
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from petune import PeftModel
+from petune.train import UserError
+from petune.train.config import TrainConfig
+from petune.train.data import Dataset
+from petune.train.plot import plot_metrics
+
+SAMPLES_SHOWN = 4
+
+
+def default_output(method: str) -> str:
+    return str(Path("runs") / f"{method}-{time.strftime('%Y%m%d-%H%M%S')}")
+
+
+def prepare_run_dir(cfg: TrainConfig) -> Path:
+    """Create the run folder; refuse to overwrite one unless asked (--overwrite or --resume)."""
+    run_dir = Path(cfg.output or default_output(cfg.method))
+    if cfg.resume:
+        if not (run_dir / "config.yaml").is_file():
+            raise UserError(f"--resume: {run_dir} is not a run folder (no config.yaml); nothing to continue")
+    elif run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
+        if not cfg.overwrite:
+            raise UserError(
+                f"run folder {run_dir} already exists; pass --overwrite to replace it or --resume to continue it"
+            )
+        shutil.rmtree(run_dir) if run_dir.is_dir() else run_dir.unlink()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+class Metrics:
+    """Appends one JSON object per line to metrics.jsonl (main process only)."""
+
+    def __init__(self, path: Path, enabled: bool) -> None:
+        self.path, self.enabled = path, enabled
+
+    def log(self, row: dict[str, Any]) -> None:
+        if self.enabled:
+            with self.path.open("a") as handle:
+                handle.write(json.dumps(row) + "\n")
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The rows of a metrics.jsonl; a line cut short by a crash is skipped."""
+    rows = []
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return rows
+
+
+def truncate_metrics(run_dir: Path, step: int) -> None:
+    """Drop the rows a killed run logged after its last checkpoint (they will be logged again)."""
+    path = run_dir / "metrics.jsonl"
+    kept = [row for row in read_metrics(path) if row.get("step", 0) <= step]
+    path.write_text("".join(json.dumps(row) + "\n" for row in kept))
+
+
+def read_results(run_dir: Path) -> dict[str, Any]:
+    path = run_dir / "eval.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def write_results(run_dir: Path, results: dict[str, Any]) -> None:
+    tmp = run_dir / ".eval.json.tmp"
+    tmp.write_text(json.dumps(results, indent=2) + "\n")
+    os.replace(tmp, run_dir / "eval.json")
+
+
+def describe_start(
+    cfg: TrainConfig, run_dir: Path, data: Dataset, model: PeftModel, global_batch: int, lr: float
+) -> None:
+    trainable, total = model.get_nb_trainable_parameters()
+    print(f"model: {cfg.model or 'embedded SmolLM2-135M-Instruct'} | method: {cfg.method} | run folder: {run_dir}")
+    print(
+        f"data: {data.train_records} training records ({len(data.train)} rows), {len(data.val)} held out | "
+        f"truncated to {cfg.max_length} tokens: {data.truncated}"
+    )
+    print(
+        f"trainable parameters: {trainable:,d} of {total:,d} ({100 * trainable / total:.3f}%) | "
+        f"{cfg.max_steps} steps x {global_batch} examples, lr {lr:g} ({cfg.schedule})"
+    )
+
+
+def save_adapter(model: PeftModel, target: Path) -> None:
+    """Save the adapter folder atomically: write beside it, then rename over it."""
+    tmp = target.with_name(f".tmp-{target.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    if target.exists():
+        old = target.with_name(f".old-{target.name}")
+        os.rename(target, old)
+        shutil.rmtree(old)
+    os.rename(tmp, target)
+
+
+def finish(run_dir: Path, model: PeftModel, cfg: TrainConfig, results: dict[str, Any], data: Dataset) -> None:
+    """Write the adapter, eval.json and the plot; print the before/after summary."""
+    save_adapter(model, run_dir / "adapter")
+    records = data.val_records[: cfg.eval_samples]
+    if "after" in results:
+        results["samples"] = [
+            {
+                "prompt": r.question,
+                "expected": r.reference,
+                "before": results.get("before", {}).get("predictions", [None] * len(records))[i],
+                "after": results["after"]["predictions"][i],
+            }
+            for i, r in enumerate(records)
+        ]
+    write_results(run_dir, results)
+    plot_metrics(read_metrics(run_dir / "metrics.jsonl"), run_dir / "loss.png")
+    print()
+    if "heldout" in results:
+        print(f"held-out loss {results['heldout']['loss']:.4f} (perplexity {results['heldout']['perplexity']:.2f})")
+    if "after" in results:
+        count = results["after"]["count"]
+        before = f"{results['before']['exact_match']:.1%} -> " if "before" in results else ""
+        print(f"held-out exact match ({count} records): {before}{results['after']['exact_match']:.1%}")
+        _print_samples(results["samples"][:SAMPLES_SHOWN])
+    print(f"\nrun folder {run_dir}:")
+    print(f"  adapter      {run_dir / 'adapter'}  (HF PEFT format)")
+    print(f"  metrics      {run_dir / 'metrics.jsonl'}")
+    print(f"  plot         {run_dir / 'loss.png'}")
+    print(f"  eval results {run_dir / 'eval.json'}")
+    print(f"  config       {run_dir / 'config.yaml'}")
+    model_flag = f" --model {cfg.model}" if cfg.model else ""
+    print(f'try it: petune generate{model_flag} --adapter {run_dir / "adapter"} "<your prompt>"')
+
+
+def _print_samples(samples: list[dict[str, Any]]) -> None:
+    print("\nsamples (held out):")
+    for sample in samples:
+        print(f"  prompt:   {sample['prompt'][-100:]}")
+        print(f"  expected: {sample['expected']}")
+        if sample["before"] is not None:
+            print(f"  before:   {sample['before'][:100]!r}")
+        print(f"  after:    {sample['after'][:100]!r}")
