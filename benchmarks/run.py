@@ -4,7 +4,7 @@ Each measurement runs `benchmarks/step.py` in a fresh process; petune and peft a
 drift of the machine (other load, thermal state) hits both alike.
 
     python benchmarks/run.py                      # the full table (about 20 minutes on 2 cores)
-    python benchmarks/run.py --methods lora --dtypes fp32 --out /tmp/b.md
+    python benchmarks/run.py --cases lora:fp32 lora:fp32:ckpt --out /tmp/b.md
 """
 
 from __future__ import annotations
@@ -20,7 +20,11 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
-DEFAULT_METHODS = ["lora", "lora_all", "dora", "prompt", "ptuning", "prefix"]
+# The issue's table (method:dtype), plus checkpointing (":ckpt") for two of them.
+DEFAULT_CASES = [
+    "lora:fp32", "lora:bf16", "lora_all:fp32", "lora_all:bf16", "dora:fp32", "prompt:fp32", "prompt:bf16",
+    "ptuning:fp32", "prefix:fp32", "prefix:bf16", "qlora:bf16", "lora:fp32:ckpt", "prefix:fp32:ckpt",
+]  # fmt: skip
 
 
 def measure(impl: str, method: str, dtype: str, checkpointing: bool, steps: int) -> dict[str, Any]:
@@ -47,21 +51,19 @@ def cell(result: dict[str, Any], key: str, fmt: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--methods", nargs="+", default=DEFAULT_METHODS)
-    parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"])
-    parser.add_argument("--checkpointing", action="store_true", help="also measure with checkpointing on")
+    parser.add_argument("--cases", nargs="+", default=DEFAULT_CASES, help="method:dtype[:ckpt] ...")
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--out", type=Path, default=HERE.parent / "BENCHMARKS.md")
     args = parser.parse_args()
 
     rows = []
-    for method in args.methods:
-        for dtype in args.dtypes:
-            for checkpointing in [False, True] if args.checkpointing else [False]:
-                theirs = measure("peft", method, dtype, checkpointing, args.steps)
-                ours = measure("petune", method, dtype, checkpointing, args.steps)
-                rows.append((method, dtype, checkpointing, ours, theirs))
-                print(method, dtype, "ckpt" if checkpointing else "", ours, theirs, flush=True)
+    for case in args.cases:
+        method, dtype, *rest = case.split(":")
+        checkpointing = rest == ["ckpt"]
+        theirs = measure("peft", method, dtype, checkpointing, args.steps)
+        ours = measure("petune", method, dtype, checkpointing, args.steps)
+        rows.append((method, dtype, checkpointing, ours, theirs))
+        print(case, ours, theirs, flush=True)
 
     lines = [
         "# Benchmarks: petune vs HF PEFT",

@@ -69,10 +69,6 @@ def main() -> None:
     args = parser.parse_args()
 
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
-    if args.impl == "petune":
-        from petune.memory import return_freed_memory_to_os
-
-        return_freed_memory_to_os()  # what `petune train` does at start-up
     model = load_base(args.method, dtype)
     if args.impl == "peft":
         import peft as lib
@@ -91,6 +87,7 @@ def main() -> None:
 
     if args.impl == "petune":
         from petune.loss import causal_lm_loss
+        from petune.memory import trim_freed_memory
 
         def step_loss() -> torch.Tensor:
             return causal_lm_loss(model, batch)
@@ -106,6 +103,8 @@ def main() -> None:
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if args.impl == "petune":
+            trim_freed_memory()  # what `petune train` does after each step
         times.append(time.perf_counter() - start)
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(
