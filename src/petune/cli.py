@@ -1,4 +1,5 @@
-"""The `petune` command: train, generate, chat, eval, merge. Parsing only; the work is in `petune.train`.
+"""The `petune` command: train, generate, chat, eval, merge, plan, compare. Parsing only; the work is in
+`petune.train`, `petune.plan` and `petune.compare`.
 
 A mistake in the user's input (a file, a field, an option) ends with a one-line message on stderr and
 exit status 2, never a traceback; set PETUNE_DEBUG=1 to see the traceback anyway.
@@ -58,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_chat(commands)
     _add_eval(commands)
     _add_merge(commands)
+    _add_plan(commands)
+    _add_compare(commands)
     return parser
 
 
@@ -281,6 +284,43 @@ def _merge(args: argparse.Namespace, argv: list[str]) -> int:
     target = run_merge(args.model, args.adapter, args.output, args.dtype, args.overwrite)
     print(f"merged model written to {target} (load it with transformers.AutoModelForCausalLM.from_pretrained)")
     return 0
+
+
+# --- plan, compare ----------------------------------------------------------------------------------
+
+
+def _add_plan(commands: Any) -> None:
+    _add_command_module(
+        commands,
+        "plan",
+        "petune.plan.command",
+        help="memory by component, fit and FLOPs of a fine-tuning step, per method",
+        description="Predict one training step's memory (weights, gradients, optimizer state, activations, "
+        "loss, overhead) for full fine-tuning and PEFT methods, whether it fits a device, and the largest "
+        "batch and sequence that do.",
+    )
+
+
+def _add_compare(commands: Any) -> None:
+    _add_command_module(
+        commands,
+        "compare",
+        "petune.compare.command",
+        help="train several methods on the same data and budget; table and charts",
+        description="Run `petune train` for each method with the same model, data and steps, one after another, "
+        "and write compare.json, compare.md and compare.png (held-out loss and accuracy, trainable parameters, "
+        "peak memory, wall time, adapter size).",
+    )
+
+
+def _add_command_module(commands: Any, name: str, module: str, help: str, description: str) -> None:
+    """A command whose options (`add_arguments(parser)`) and work (`run(args, out)`) live in `module`."""
+    import importlib
+
+    command = importlib.import_module(module)
+    parser = commands.add_parser(name, help=help, description=description)
+    command.add_arguments(parser)
+    parser.set_defaults(handler=lambda args, argv: command.run(args, sys.stdout))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,222 @@
+"""The memory of one training step, by component, and the peak it reaches.
+
+Two moments bound a step's memory. At the start of the backward pass every activation the forward pass
+saved is alive and few gradients exist; by the optimizer step the activations are freed and every gradient
+exists. Between the two, each layer's backward frees its activations as it makes its gradients, so the
+peak is the larger of the two moments (petune's measured peaks agree: tests/plan/test_calibration.py):
+
+    backward start  weights + optimizer state + saved activations + loss scratch (or one layer's backward)
+    optimizer step  weights + optimizer state + all gradients + the step's scratch
+
+`Plan.components` is the memory at the peak moment, so its values add up to `total_bytes`; `Plan.sizes` is
+the most each component reaches during the step.
+
+Activations are counted from what autograd really keeps in a transformers Llama layer (SDPA attention,
+HF's RMSNorm, which upcasts to fp32), not from a rule of thumb; tests/plan/test_memory.py compares the
+count with the tensors a real layer saves. For comparison, Korthikanti et al. 2022 ("Reducing Activation
+Recomputation", section 4.1) give s b h (34 + 5 a s / h) bytes per GPT layer in fp16: their 5 a s / h term is
+the attention matrix, which flash/SDPA kernels never store, and their dropout masks do not exist in Llama.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from petune.plan.architectures import Architecture
+from petune.plan.counts import adapter_params, largest_trainable_tensor, linear_shapes, total_params
+from petune.plan.gpus import Device
+from petune.plan.setup import OPTIMIZER_STATES, Setup
+
+COMPONENTS = (
+    "frozen_weights",
+    "trainable_weights",
+    "gradients",
+    "optimizer_state",
+    "activations",
+    "logits_loss",
+    "framework_overhead",
+)
+# QLoRA's NF4 with double quantisation (Dettmers et al. 2023, section 3): 4 bits per weight plus 8-bit
+# constants per block of 64 and fp32 constants per 256 blocks: 4 + 8/64 + 32/(64 x 256) = 4.127 bits.
+NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)
+FP32 = 4
+LOSS_SCRATCH_BYTES = 16  # per logit of one loss chunk: logits, fp32 log-softmax, its gradient, the logits' gradient
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The predicted memory of one step of `setup` on `arch` and `device` (bytes)."""
+
+    architecture: Architecture
+    setup: Setup
+    device: Device
+    components: dict[str, int]
+    sizes: dict[str, int]
+    peak_phase: str
+    trainable_params: int
+    total_params: int
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.components.values())
+
+    @property
+    def fits(self) -> bool:
+        return self.total_bytes <= self.device.memory_bytes
+
+
+def activation_bytes(precision: str) -> int:
+    """Bytes per element of activations, gradients and working weights (16-bit unless fp32)."""
+    return FP32 if precision == "fp32" else 2
+
+
+def weight_bytes(arch: Architecture, setup: Setup) -> tuple[int, int]:
+    """(frozen, trainable) weight bytes. QLoRA stores the layers' linear weights in NF4."""
+    trainable = adapter_params(arch, setup)
+    frozen = total_params(arch) - trainable if setup.method == "full" else total_params(arch)
+    width = activation_bytes(setup.precision)
+    if setup.method == "qlora":
+        linear = arch.num_layers * sum(i * o for i, o in linear_shapes(arch).values())
+        frozen_bytes = int(linear * NF4_BYTES) + (frozen - linear) * width  # embeddings, head, norms stay 16-bit
+    else:
+        frozen_bytes = frozen * width
+    return frozen_bytes, trainable * width
+
+
+def optimizer_state_bytes(trainable: int, setup: Setup) -> int:
+    """AdamW's two moments, plus the fp32 master weights of mixed precision (ZeRO's K = 12 bytes)."""
+    master = FP32 if setup.precision == "bf16-mixed" else 0
+    return trainable * (OPTIMIZER_STATES[setup.optimizer_state] + master)
+
+
+def optimizer_scratch_bytes(arch: Architecture, setup: Setup, device: Device) -> int:
+    """Temporaries of the optimizer step. On CPU torch's AdamW goes tensor by tensor: `sqrt(v)`, its quotient
+    and the previous tensor's denominator, three fp32 copies of the largest tensor. On a GPU the plan assumes
+    the fused AdamW kernel, which updates in place (torch's default foreach version would add one fp32 copy
+    of every trainable parameter)."""
+    return 3 * FP32 * largest_trainable_tensor(arch, setup) if device.kind == "cpu" else 0
+
+
+def layer_activation_bytes(arch: Architecture, setup: Setup) -> int:
+    """Bytes one decoder layer keeps for backward, for a batch of `batch_size x seq_len` tokens.
+
+    Per token (a = 2 or 4 bytes; h hidden, q and kv the projection widths, i intermediate, r LoRA rank):
+      RMSNorm x2     its input upcast to fp32 (4h) and 1/rms (4); full fine-tuning also keeps the
+                     normalised input for the norm weight's gradient (a h)
+      linear inputs  a h for q/k/v and for gate/up, a i for down, when one of them trains or carries an
+                     adapter (o_proj's input is the attention output, kept anyway)
+      attention      q, k, v and the output (a (2q + 2kv)) and the softmax log-sum-exp (4 per head);
+                     never the s x s matrix (SDPA / flash attention)
+      gated MLP      gate output, SiLU output, up output (3 a i)
+      adapters       LoRA: A's output (a r) per adapted layer; DoRA also the base and low-rank outputs (2 a out).
+                     petune's adapters are fp32: in 16-bit training each adapted layer keeps its own copy of
+                     its input (bf16 under autocast, fp32 without), not one shared copy per input
+    """
+    a, h, i = activation_bytes(setup.precision), arch.hidden_size, arch.intermediate_size
+    batch = setup.batch_size
+    tokens = batch * (setup.seq_len + setup.virtual_in_input)
+    kv_tokens = tokens + batch * setup.virtual_in_cache
+    shapes = linear_shapes(arch)
+    per_token = 2 * (FP32 * h + FP32) + (2 * a * h if setup.method == "full" else 0)
+    per_token += 2 * a * arch.q_dim + FP32 * arch.num_heads + 3 * a * i
+    if setup.method == "full" or setup.precision == "fp32":  # layers sharing an input keep one copy of it
+        trains = set(shapes) if setup.method == "full" else set(setup.adapted)
+        per_token += a * h * (bool(trains & {"q_proj", "k_proj", "v_proj"}) + bool(trains & {"gate_proj", "up_proj"}))
+        per_token += a * i * ("down_proj" in trains)
+        adapter = a
+    else:  # petune keeps adapters in fp32 and casts each adapted layer's input: a copy per layer, which
+        # autocast (bf16-mixed) turns back into bf16 for the matmul
+        adapter = 2 if setup.precision == "bf16-mixed" else FP32
+        per_token += sum(adapter * shapes[t][0] for t in setup.adapted)
+    per_token += sum(adapter * setup.lora_r for _ in setup.adapted)
+    if setup.method == "dora":
+        per_token += sum(2 * adapter * shapes[t][1] for t in setup.adapted)
+    # autocast keeps a bf16 copy of each fp32 adapter weight it multiplies (A and B, r (in + out) each)
+    casts = sum(2 * setup.lora_r * sum(shapes[t]) for t in setup.adapted) if setup.precision == "bf16-mixed" else 0
+    return tokens * per_token + kv_tokens * 2 * a * arch.kv_dim + casts
+
+
+def layer_backward_bytes(arch: Architecture, setup: Setup) -> int:
+    """Scratch of one layer's backward: gradients of its hidden states (2h) and MLP intermediates (3i), and for
+    QLoRA the largest weight dequantised to 16 bits. An estimate; it matters only when it exceeds the loss's."""
+    a = activation_bytes(setup.precision)
+    tokens = setup.batch_size * (setup.seq_len + setup.virtual_in_input)
+    scratch = tokens * a * (2 * arch.hidden_size + 3 * arch.intermediate_size)
+    if setup.method == "qlora":
+        scratch += a * max(i * o for i, o in linear_shapes(arch).values())
+    return scratch
+
+
+def loss_bytes(arch: Architecture, setup: Setup) -> tuple[int, int]:
+    """(kept, scratch) of petune's chunked loss (petune.loss): the final hidden states of the labelled
+    positions (a copy, a h each) and the logits of one chunk of at most `loss_chunk` of them with their
+    fp32 log-softmax and gradients. Every position but the last of each sequence is assumed labelled."""
+    a = activation_bytes(setup.precision)
+    labelled = setup.batch_size * (setup.seq_len - 1)
+    chunk = min(setup.loss_chunk, labelled)
+    return labelled * a * arch.hidden_size, chunk * arch.vocab_size * LOSS_SCRATCH_BYTES
+
+
+def plan(arch: Architecture, setup: Setup, device: Device) -> Plan:
+    """Memory of one training step of `setup` on `arch`, at its peak, by component."""
+    a = activation_bytes(setup.precision)
+    frozen, trainable_weights = weight_bytes(arch, setup)
+    trainable = adapter_params(arch, setup)
+    state = optimizer_state_bytes(trainable, setup)
+    gradients = trainable * a
+    head_gradient = arch.vocab_size * arch.hidden_size * a if setup.method == "full" else 0  # made first
+    scratch = optimizer_scratch_bytes(arch, setup, device)
+    tokens = setup.batch_size * (setup.seq_len + setup.virtual_in_input)
+    final_norm = tokens * (FP32 * arch.hidden_size + FP32 + (a * arch.hidden_size if setup.method == "full" else 0))
+    per_layer, backward = layer_activation_bytes(arch, setup), layer_backward_bytes(arch, setup)
+    if setup.gradient_checkpointing:  # each layer keeps its input; backward recomputes one layer at a time
+        saved, layer_peak = arch.num_layers * tokens * a * arch.hidden_size, per_layer + backward
+    else:
+        saved, layer_peak = arch.num_layers * per_layer, backward
+    kept, loss_scratch = loss_bytes(arch, setup)
+    loss_first = loss_scratch >= layer_peak
+    fixed = {
+        "frozen_weights": frozen,
+        "trainable_weights": trainable_weights,
+        "framework_overhead": device.overhead_bytes,
+    }
+    backward_start = {
+        **fixed,
+        "gradients": head_gradient,
+        "optimizer_state": state,
+        "activations": saved + final_norm + (0 if loss_first else layer_peak),
+        "logits_loss": kept + (loss_scratch if loss_first else 0),
+    }
+    optimizer_step = {
+        **fixed,
+        "gradients": gradients,
+        "optimizer_state": state + scratch,
+        "activations": 0,
+        "logits_loss": 0,
+    }
+    phase, chosen = max(
+        ("backward start", backward_start), ("optimizer step", optimizer_step), key=lambda item: sum(item[1].values())
+    )
+    sizes = {name: max(backward_start[name], optimizer_step[name]) for name in COMPONENTS}
+    sizes["activations"] = saved + final_norm + layer_peak
+    sizes["logits_loss"] = kept + loss_scratch
+    components = {name: int(chosen[name]) for name in COMPONENTS}
+    return Plan(arch, setup, device, components, sizes, phase, trainable, total_params(arch))
+
+
+def largest_fitting(arch: Architecture, setup: Setup, device: Device, field: str, upper: int) -> int:
+    """The largest `field` ("batch_size" or "seq_len"), up to `upper`, whose step fits `device`; 0 if none."""
+
+    def fits(value: int) -> bool:
+        changed = replace(setup, batch_size=value) if field == "batch_size" else replace(setup, seq_len=value)
+        return plan(arch, changed, device).fits
+
+    if not fits(1):
+        return 0
+    low, high = 1, upper
+    if fits(high):
+        return high
+    while high - low > 1:  # memory grows with both, so bisect: fits(low), not fits(high)
+        middle = (low + high) // 2
+        low, high = (middle, high) if fits(middle) else (low, middle)
+    return low
