@@ -87,7 +87,6 @@ def main() -> None:
 
     if args.impl == "petune":
         from petune.loss import causal_lm_loss
-        from petune.memory import trim_freed_memory
 
         def step_loss() -> torch.Tensor:
             return causal_lm_loss(model, batch)
@@ -103,8 +102,6 @@ def main() -> None:
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if args.impl == "petune":
-            trim_freed_memory()  # what `petune train` does after each step
         times.append(time.perf_counter() - start)
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(

@@ -70,3 +70,21 @@ def test_no_labels_gives_zero_loss_with_a_graph():
     loss = causal_lm_loss(model, batch)
     assert loss.item() == 0.0
     loss.backward()  # still differentiable: an all-masked micro-batch must not crash the loop
+
+
+def test_a_trained_head_takes_the_recomputing_path_with_the_same_result():
+    # modules_to_save makes lm_head a trained copy: the loss must still match, and its weights get gradients.
+    batch = _batch()
+    config = LoraConfig(r=4, init_lora_weights=False, modules_to_save=["lm_head"])
+    reference = get_peft_model(_llama(), config)
+    ours = get_peft_model(_llama(), config)
+    expected = reference(**batch).loss
+    expected.backward()
+    got = causal_lm_loss(ours, batch, chunk_size=5)
+    got.backward()
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+    grads = dict(reference.named_parameters())
+    trained = [(n, p) for n, p in ours.named_parameters() if p.requires_grad]
+    assert any("lm_head" in n for n, _ in trained)
+    for name, param in trained:
+        torch.testing.assert_close(param.grad, grads[name].grad, rtol=1e-5, atol=1e-6)

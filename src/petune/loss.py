@@ -2,9 +2,11 @@
 
 A causal LM's logits are (batch, seq, vocab) floats: for SmolLM2 (vocab 49,152) a batch of 4 x 256
 tokens is 200 MB in fp32, and the loss keeps two more copies (log-softmax and its gradient). Only the
-positions that carry a label need logits at all (with completion-only training, often a minority), and
-those can be computed a chunk at a time under activation checkpointing, so one chunk's logits are alive
-at once. The result is the same mean cross-entropy HF models compute from `labels=`.
+positions that carry a label need logits at all (with completion-only training, often a minority),
+and those are computed a chunk at a time. With the usual frozen head, each chunk's gradient with
+respect to the hidden states is computed right away and its logits are dropped (no recomputation);
+a trained or wrapped head recomputes each chunk's logits in backward instead. The result is the same
+mean cross-entropy HF models compute from `labels=`, with the same gradients (tests/test_loss.py).
 """
 
 from __future__ import annotations
@@ -62,11 +64,50 @@ def causal_lm_loss(
     if targets.numel() == 0:
         return hidden.sum() * 0.0
 
-    def chunk_loss(h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(head(h).float(), t, reduction="sum")
-
-    total = hidden.new_zeros((), dtype=torch.float32)
-    for start in range(0, targets.numel(), chunk_size):
-        piece = slice(start, start + chunk_size)
-        total = total + checkpoint(chunk_loss, selected[piece], targets[piece], use_reentrant=False)
+    if type(head) is nn.Linear and not head.weight.requires_grad:
+        total = _FrozenHeadCrossEntropy.apply(selected, head.weight, head.bias, targets, chunk_size)
+    else:  # a trained or wrapped head: recompute each chunk's logits in backward instead
+        total = hidden.new_zeros((), dtype=torch.float32)
+        for start in range(0, targets.numel(), chunk_size):
+            piece = slice(start, start + chunk_size)
+            total = total + checkpoint(_chunk_loss, head, selected[piece], targets[piece], use_reentrant=False)
     return total / max(count, 1)
+
+
+def _chunk_loss(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
+
+
+class _FrozenHeadCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy of `hidden @ weight.T (+ bias)`, its input gradient computed in the forward.
+
+    With the head frozen, the only gradient needed is d loss / d hidden = (softmax - onehot) @ weight,
+    which each chunk can produce while its logits exist; afterwards only that (N, H) gradient is kept.
+    One matmul forward and one backward per chunk, as in the plain path, and no recomputation.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        targets: torch.Tensor,
+        chunk_size: int,
+    ) -> torch.Tensor:
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_hidden = torch.empty_like(hidden)
+        for start in range(0, targets.numel(), chunk_size):
+            piece = slice(start, start + chunk_size)
+            logits = F.linear(hidden[piece], weight, bias).float()  # (n, vocab)
+            total += F.cross_entropy(logits, targets[piece], reduction="sum")
+            probabilities = logits.softmax(dim=-1)
+            probabilities[torch.arange(probabilities.shape[0], device=hidden.device), targets[piece]] -= 1.0
+            grad_hidden[piece] = (probabilities.to(weight.dtype) @ weight).to(hidden.dtype)
+        ctx.save_for_backward(grad_hidden)
+        return total
+
+    @staticmethod
+    def backward(ctx: Any, grad_total: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        (grad_hidden,) = ctx.saved_tensors
+        return grad_hidden * grad_total.to(grad_hidden.dtype), None, None, None, None

@@ -2,14 +2,16 @@
 
 glibc's malloc raises its mmap threshold each time a large block is freed (up to 32 MB), so after the
 first step most activation tensors come from the heap, and the memory a backward pass frees stays in
-the process, fragmented: peak RSS grows step after step. Two remedies, measured on SmolLM2-135M, LoRA,
-fp32, batch 4 x 256, three steps (BENCHMARKS.md):
+the process, fragmented: peak RSS grows step after step. Two remedies, measured on SmolLM2-135M,
+LoRA, fp32, batch 4 x 256, three steps, petune's fused loss:
 
-- `trim_freed_memory()` after each optimizer step (what `petune train` does): 2898 MB -> 2550 MB
-  peak RSS, no slower;
+- `trim_freed_memory()` after each optimizer step: 2918 MB -> 2580 MB peak RSS, but the step took
+  5.70 s instead of 4.39 s (trimmed pages are faulted in again next step);
 - `return_freed_memory_to_os()` once at start-up (fix the mmap threshold, so every large block is
-  mapped and unmapped on its own): 1975 MB, but each new block is page-faulted in again, which made a
-  step 1.3-3x slower on the 2 shared cores. Worth it only when memory, not time, is the limit.
+  mapped and unmapped on its own): about 1975 MB, at 1.3-3x the step time on the 2 shared cores.
+
+Neither is on by default in `petune train`: both trade time for memory. Call one yourself when host
+memory, not time, is the limit.
 """
 
 from __future__ import annotations

@@ -24,7 +24,6 @@ from transformers import PreTrainedTokenizerBase
 
 from petune import PeftModel, get_peft_model
 from petune.embedded import resolve_model_path
-from petune.memory import trim_freed_memory
 from petune.train import UserError, checkpoint, report
 from petune.train.config import TrainConfig
 from petune.train.data import IGNORE_INDEX, Dataset, collate, load_dataset
@@ -169,7 +168,6 @@ def optimizer_step(run: Run, trained: nn.Module, step: int) -> dict[str, float]:
     grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or math.inf)
     run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
-    trim_freed_memory()  # this step's activations go back to the OS: peak RSS does not creep up
     loss_total = accelerator.reduce(loss_total, "sum") if world > 1 else loss_total
     loss = (loss_total / counts[0].clamp(min=1)).item()
     tokens_per_s = counts[1].item() / (time.perf_counter() - started)
