@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import time
 from typing import Any
 
 import torch
+
+from petune.plan.measure import peak_mb as peak_rss_mb
 
 METHODS = ["lora", "lora_all", "dora", "prompt", "ptuning", "prefix", "qlora"]
 
@@ -103,7 +104,7 @@ def main() -> None:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - start)
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak_mb = peak_rss_mb()
     print(
         json.dumps(
             {

@@ -42,7 +42,18 @@ def resident_mb() -> float:
 
 
 def peak_mb() -> float:
-    """Peak resident memory of this process so far (MiB; Linux reports ru_maxrss in kB)."""
+    """Peak resident memory of this process so far (MiB).
+
+    Linux's VmHWM, not ru_maxrss: ru_maxrss carries the parent's peak over fork and exec, so a child
+    of a large process (pytest late in a run) would report its parent's peak instead of its own.
+    """
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
