@@ -26,7 +26,7 @@ from petune.layers import (
     replace_module,
 )
 from petune.methods import method_class
-from petune.methods.base import Method
+from petune.methods.base import Method, base_generate
 from petune.quantization import keep_4bit_layers_trainable
 
 
@@ -218,7 +218,7 @@ class PeftModel(nn.Module):
                 raise TypeError("generate() takes input_ids as its only positional argument")
         with self._routing(adapter_names):
             if self._disabled or self.active_adapter is None:
-                return Method.generate(self._method, "", self.active_peft_config, None, kwargs)
+                return base_generate(self.base_model, kwargs)
             return self._method.generate(*self._hook_args(), kwargs)
 
     # --- merging ----------------------------------------------------------------------------------

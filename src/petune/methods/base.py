@@ -65,11 +65,7 @@ class Method:
 
     def generate(self, name: str, config: PeftConfig, module: nn.Module | None, kwargs: dict[str, Any]) -> torch.Tensor:
         """Generate with adapter `name` active."""
-        generate = getattr(self.model, "generate", None)
-        if generate is None:
-            raise TypeError(f"{type(self.model).__name__} has no generate(); it is not a generative model")
-        output: torch.Tensor = generate(**kwargs)
-        return output
+        return base_generate(self.model, kwargs)
 
     def merge(self, names: list[str], safe_merge: bool) -> None:
         raise NotImplementedError(f"{type(self).__name__} adapters cannot be merged into the weights")
@@ -81,3 +77,12 @@ class Method:
     def supports_mixed_batch(self) -> bool:
         """Whether rows of one batch may use different adapters (`adapter_names=[...]`)."""
         return False
+
+
+def base_generate(model: nn.Module, kwargs: dict[str, Any]) -> torch.Tensor:
+    """`model.generate(**kwargs)`, or a clear error for a model that cannot generate."""
+    generate = getattr(model, "generate", None)
+    if generate is None:
+        raise TypeError(f"{type(model).__name__} has no generate(); it is not a generative model")
+    output: torch.Tensor = generate(**kwargs)
+    return output
