@@ -53,7 +53,10 @@ def causal_lm_loss(
         model(**inputs, logits_to_keep=1, use_cache=False)
     finally:
         hook.remove()
-    hidden = captured[-1]  # (B, T', H); T' > T when a prompt method prepended virtual tokens
+    # (B, T', H); T' > T with a prompt method's virtual tokens, which may run as a batch of one first
+    hidden = captured[-1]
+    if len(captured) > 1:
+        hidden = torch.cat([piece.expand(hidden.shape[0], -1, -1) for piece in captured], dim=1)
     if hidden.shape[1] > labels.shape[1]:
         labels = F.pad(labels, (hidden.shape[1] - labels.shape[1], 0), value=IGNORE_INDEX)
     shift_labels = labels[:, 1:].to(hidden.device)

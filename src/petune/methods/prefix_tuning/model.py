@@ -24,13 +24,11 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers.cache_utils import DynamicCache
 
 from petune.config import PeftConfig
-from petune.methods.prefix_tuning.cache import KeyValue, PrefixCache, cache_through_checkpointing, checkpointing, fill
 from petune.methods.prefix_tuning.config import PrefixTuningConfig
 from petune.methods.prompt_learning import PromptLearning, PromptLearningConfig, VirtualTokenEncoder
-from petune.methods.prompt_learning.method import CACHE_KEYS
+from petune.methods.prompt_learning.cache import KeyValue, PrefixCache, attach, cache_through_checkpointing
 
 
 class PrefixEncoder(VirtualTokenEncoder):
@@ -97,22 +95,8 @@ class PrefixTuning(PromptLearning):
     def insert_virtual_tokens(
         self, config: PromptLearningConfig, encoder: VirtualTokenEncoder, kwargs: dict[str, Any], batch: int
     ) -> dict[str, Any]:
-        """Give the call a cache holding the prefix: the caller's empty one filled, a new one, or a read-only one."""
-        prefix = self.prefix(encoder, batch)
-        key = next((k for k in CACHE_KEYS if kwargs.get(k) is not None), None)
-        given = kwargs.get(key) if key else None
-        use_cache = kwargs.get("use_cache")
-        if use_cache is None:
-            use_cache = getattr(self.model.config, "use_cache", False)
-        if given is not None and not isinstance(given, PrefixCache):
-            cache = fill(given, prefix)  # e.g. the cache generate() made: decoding goes on in it
-        elif use_cache and not checkpointing(self.model):
-            cache = fill(DynamicCache(), prefix)  # returned in the output, ready to continue decoding
-        else:
-            cache = PrefixCache(prefix)
-        kwargs.pop("past_key_values", None)
-        kwargs[key or self._cache_keyword()] = cache
-        return kwargs
+        """Give the call a cache holding the prefix (see `cache.attach`)."""
+        return attach(self.model, kwargs, self.prefix(encoder, batch), self.cache_keyword())
 
     def past_length(self, cache: Any) -> int:
         # A PrefixCache holds no caller tokens: a call given one (generate without a cache passes the last
@@ -126,6 +110,3 @@ class PrefixTuning(PromptLearning):
         args, kwargs = self.prepare_inputs(name, config, module, args, kwargs)
         with cache_through_checkpointing(self.model, projected=module.reparameterized):
             return self.model(*args, **kwargs)
-
-    def _cache_keyword(self) -> str:
-        return "cache" if "cache" in self._forward_params else "past_key_values"

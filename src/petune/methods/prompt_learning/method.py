@@ -42,10 +42,11 @@ from torch import nn
 
 from petune.config import PeftConfig, TaskType
 from petune.methods.base import Method
+from petune.methods.prompt_learning.cache import find_cache, input_shape
 from petune.methods.prompt_learning.config import PromptLearningConfig, model_sizes
 from petune.methods.prompt_learning.encoder import VirtualTokenEncoder
+from petune.methods.prompt_learning.shared_pass import can_share_virtual_pass, forward_sharing_virtual_pass
 
-CACHE_KEYS = ("cache", "past_key_values")  # transformers 5 renamed past_key_values to cache
 ENCODER_PREFIX = "prompt_encoder."  # file keys of the encoder weights petune saves to resume training
 
 
@@ -101,6 +102,16 @@ class PromptLearning(Method):
             setattr(config, key, value)
         config.num_transformer_submodules = 1
 
+    def forward(
+        self, name: str, config: PeftConfig, module: nn.Module | None, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        """The model's forward; a decoder runs prompt tuning's and P-tuning's virtual tokens once per batch."""
+        kwargs = self._keywords(args, kwargs)
+        if self.virtual_tokens_in_input and can_share_virtual_pass(self.model, config, kwargs):
+            assert isinstance(config, PromptLearningConfig) and isinstance(module, VirtualTokenEncoder)
+            return forward_sharing_virtual_pass(self, config, module, kwargs)
+        return super().forward(name, config, module, (), kwargs)
+
     def prepare_inputs(
         self,
         name: str,
@@ -110,33 +121,40 @@ class PromptLearning(Method):
         kwargs: dict[str, Any],
     ) -> tuple[tuple[Any, ...], dict[str, Any]]:
         assert isinstance(config, PromptLearningConfig) and isinstance(module, VirtualTokenEncoder)
-        assert config.num_virtual_tokens is not None
         kwargs = self._keywords(args, kwargs)
+        starts = self.past_length(find_cache(kwargs)[1]) == 0
+        kwargs = self.make_room(config, kwargs, feeds_virtual=starts and self.virtual_tokens_in_input)
+        if starts:
+            kwargs = self.insert_virtual_tokens(config, module, kwargs, input_shape(kwargs)[0])
+        return (), kwargs
+
+    def make_room(self, config: PromptLearningConfig, kwargs: dict[str, Any], feeds_virtual: bool) -> dict[str, Any]:
+        """The attention mask and positions of a call with V virtual tokens in front of the caller's.
+
+        `feeds_virtual`: the call itself feeds the V virtual tokens as inputs (else they are in the cache).
+        """
+        assert config.num_virtual_tokens is not None
         virtual = config.num_virtual_tokens
-        past = self.past_length(_find_cache(kwargs)[1])
-        starts = past == 0
-        seen = 0 if starts else past - virtual  # the caller's tokens already in the cache
-        batch, new = _input_shape(kwargs)
+        past = self.past_length(find_cache(kwargs)[1])
+        seen = 0 if past == 0 else past - virtual  # the caller's tokens already in the cache
+        new = input_shape(kwargs)[1]
         mask = kwargs.get("attention_mask")
         if mask is not None:
             mask = kwargs["attention_mask"] = _with_virtual_ones(mask, virtual, seen, new)
         given = kwargs.get("position_ids")
-        positions = self._positions(given, mask, virtual, new, starts)
+        positions = self._positions(given, mask, virtual, new, feeds_virtual)
         if positions is not None:
             kwargs["position_ids"] = positions
         self._check_length(virtual, seen + new, positions if given is not None else None)
-        if starts:
-            kwargs = self.insert_virtual_tokens(config, module, kwargs, batch)
-        return (), kwargs
+        return kwargs
 
     def _positions(
-        self, given: torch.Tensor | None, mask: torch.Tensor | None, virtual: int, new: int, starts: bool
+        self, given: torch.Tensor | None, mask: torch.Tensor | None, virtual: int, new: int, with_virtual: bool
     ) -> torch.Tensor | None:
         """The model's position ids for this call: virtual tokens 0..V-1, the caller's from V on.
 
         None (no mask, no positions given) lets the model count from its cache length, which is the same.
         """
-        with_virtual = starts and self.virtual_tokens_in_input  # the call feeds the V virtual tokens too
         if given is not None:
             given = given + virtual
             if with_virtual:
@@ -246,6 +264,10 @@ class PromptLearning(Method):
             raise TypeError(f"forward() got multiple values for {clash}")
         return {**named, **kwargs}
 
+    def cache_keyword(self) -> str:
+        """The name of the model's cache argument (transformers 5 renamed `past_key_values` to `cache`)."""
+        return "cache" if "cache" in self._forward_params else "past_key_values"
+
     def _check_length(self, virtual: int, tokens: int, given_positions: torch.Tensor | None = None) -> None:
         """Refuse a call whose positions run past `max_position_embeddings` (GPT-2's table would overflow).
 
@@ -274,24 +296,6 @@ def _with_virtual_ones(mask: torch.Tensor, virtual: int, seen: int, new: int) ->
             f"per token of the caller's sequence ({seen} cached + {new} new), without virtual tokens"
         )
     return torch.cat([mask.new_ones(mask.shape[0], virtual), mask], dim=1)
-
-
-def _find_cache(kwargs: dict[str, Any]) -> tuple[str | None, Any]:
-    """(the keyword the caller used, the cache) or (None, None)."""
-    for key in CACHE_KEYS:
-        if kwargs.get(key) is not None:
-            return key, kwargs[key]
-    return None, None
-
-
-def _input_shape(kwargs: dict[str, Any]) -> tuple[int, int]:
-    """(batch, new tokens) of a call, from `input_ids` or `inputs_embeds`."""
-    tokens = kwargs.get("inputs_embeds")
-    if tokens is None:
-        tokens = kwargs.get("input_ids")
-    if tokens is None:
-        raise ValueError("prompt methods need input_ids or inputs_embeds")
-    return int(tokens.shape[0]), int(tokens.shape[1])
 
 
 def _move_padding_left(kwargs: dict[str, Any]) -> None:

@@ -1,4 +1,6 @@
-"""The prefix as a transformers `Cache`, and the switch that lets it through gradient checkpointing."""
+"""Keys and values in front of the caller's tokens, as a transformers `Cache`, and the switches that let such a
+cache through gradient checkpointing. Prefix tuning's prefix is trained; prompt tuning's and P-tuning's comes
+from running their virtual tokens through the model once per batch (`shared_pass.py`)."""
 
 from __future__ import annotations
 
@@ -12,6 +14,15 @@ from transformers.cache_utils import DynamicCache
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 KeyValue = tuple[torch.Tensor, torch.Tensor]  # keys, values: (batch, kv_heads, V, head_dim) each
+CACHE_KEYS = ("cache", "past_key_values")  # transformers 5 renamed past_key_values to cache
+
+
+def find_cache(kwargs: dict[str, Any]) -> tuple[str | None, Any]:
+    """(the keyword the caller used, the cache) or (None, None)."""
+    for key in CACHE_KEYS:
+        if kwargs.get(key) is not None:
+            return key, kwargs[key]
+    return None, None
 
 
 def fill(cache: Any, prefix: Sequence[KeyValue]) -> Any:
@@ -19,6 +30,37 @@ def fill(cache: Any, prefix: Sequence[KeyValue]) -> Any:
     for layer_idx, (keys, values) in enumerate(prefix):
         cache.update(keys, values, layer_idx)
     return cache
+
+
+def input_shape(kwargs: dict[str, Any]) -> tuple[int, int]:
+    """(batch, new tokens) of a call, from `input_ids` or `inputs_embeds`."""
+    tokens = kwargs.get("inputs_embeds")
+    if tokens is None:
+        tokens = kwargs.get("input_ids")
+    if tokens is None:
+        raise ValueError("prompt methods need input_ids or inputs_embeds")
+    return int(tokens.shape[0]), int(tokens.shape[1])
+
+
+def attach(model: nn.Module, kwargs: dict[str, Any], prefix: Sequence[KeyValue], keyword: str) -> dict[str, Any]:
+    """Give a call that starts a sequence a cache holding `prefix` (under `keyword` unless the caller named one).
+
+    The caller's empty cache is filled (generate() made it: decoding goes on in it); a call that wants a cache
+    back gets a new one, filled; one that does not (training, `use_cache=False`) a read-only `PrefixCache`.
+    """
+    key, given = find_cache(kwargs)
+    use_cache = kwargs.get("use_cache")
+    if use_cache is None:
+        use_cache = getattr(getattr(model, "config", None), "use_cache", False)
+    if given is not None and not isinstance(given, PrefixCache):
+        cache = fill(given, prefix)
+    elif use_cache and not checkpointing(model):
+        cache = fill(DynamicCache(), prefix)
+    else:
+        cache = PrefixCache(prefix)
+    kwargs.pop("past_key_values", None)
+    kwargs[key or keyword] = cache
+    return kwargs
 
 
 class PrefixCache(DynamicCache):
@@ -87,6 +129,26 @@ def cache_through_checkpointing(model: nn.Module, projected: bool) -> Iterator[N
             delattr(layer, "_can_checkpoint_with_cache")  # the class attribute shows through again
         for module in switches:
             setattr(module, "gradient_checkpointing", True)  # noqa: B010
+
+
+@contextlib.contextmanager
+def checkpointing_off(model: nn.Module) -> Iterator[None]:
+    """Within the block `model` runs without gradient checkpointing (which would drop the cache it must write)."""
+    switched = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False) is True]
+    for module in switched:
+        setattr(module, "gradient_checkpointing", False)  # noqa: B010 (an instance flag, set back below)
+    try:
+        yield
+    finally:
+        for module in switched:
+            setattr(module, "gradient_checkpointing", True)  # noqa: B010
+
+
+def reentrant_checkpointing(model: nn.Module) -> bool:
+    """True when some layer of `model` is checkpointed with `use_reentrant=True`."""
+    return any(
+        _reentrant(m) for m in model.modules() if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing
+    )
 
 
 def _reentrant(layer: nn.Module) -> bool:
