@@ -14,6 +14,9 @@ counted over the attention mask so that left padding does not shift them (HF PEF
 does). Token labels get V entries of -100 in front, so the logits keep their V virtual positions, as in HF PEFT
 (the last virtual position then predicts the caller's first token, which the loss includes).
 
+On a decoder, `forward` runs prompt tuning's and P-tuning's virtual tokens once per batch and the rows behind them
+through the cache (`shared_pass.py`): the same outputs for B x V fewer positions through every layer.
+
 `generate` runs the base model's own `generate` with a forward pre-hook that applies `prepare_inputs` to every
 step, so greedy, sampling and beam search (which expands the batch first), with or without a cache, all see the
 same sequence a plain forward pass over the row does.
