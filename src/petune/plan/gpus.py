@@ -9,20 +9,16 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from petune.plan.overhead import cpu_overhead
 from petune.train import UserError
 
 GIB = 2**30
 
-# What a training process holds besides the step's own tensors, on each kind of device.
-#  cpu: measured on this project's machine (Python 3.11, torch 2.13 CPU, transformers 5.24, 1 thread) with
-#       `python -m petune.plan.measure --overhead`: 335 MiB resident after importing torch, transformers and
-#       petune, and 24 MiB more after three steps of a 2-layer hidden-32 model (kernels, oneDNN and allocator
-#       arenas), whose own tensors are a few kB.
+# What a training process holds besides the step's own tensors.
+#  cpu: measured on the machine and interpreter that plan (`petune.plan.overhead`): it depends on the install.
 #  cuda: not measured here (no GPU): the CUDA context (0.3-0.6 GiB on recent cards), cuBLAS workspaces and
 #       the caching allocator's rounding; 1 GiB is a planning figure, not a measurement.
-CPU_IMPORTS_BYTES = 335 * 2**20
-CPU_FIRST_STEPS_BYTES = 24 * 2**20
-OVERHEAD_BYTES = {"cpu": CPU_IMPORTS_BYTES + CPU_FIRST_STEPS_BYTES, "cuda": 1 * GIB}
+CUDA_OVERHEAD_BYTES = 1 * GIB
 
 
 @dataclass(frozen=True)
@@ -32,10 +28,7 @@ class Device:
     name: str
     kind: str
     memory_bytes: int
-
-    @property
-    def overhead_bytes(self) -> int:
-        return OVERHEAD_BYTES[self.kind]
+    overhead_bytes: int = CUDA_OVERHEAD_BYTES  # what the process holds besides the step's tensors
 
 
 GPUS: dict[str, Device] = {
@@ -79,9 +72,10 @@ def sized_device(gigabytes: float) -> Device:
 
 
 def this_cpu() -> Device:
-    """This machine's CPU and its physical memory (all of it; other processes are not subtracted)."""
+    """This machine's CPU, its physical memory (all of it; other processes are not subtracted), and the overhead
+    of a training process measured with this interpreter (once; see `petune.plan.overhead`)."""
     try:
         memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
         memory = 0
-    return Device("cpu", "cpu", int(memory))
+    return Device("cpu", "cpu", int(memory), cpu_overhead().total_bytes)

@@ -2,7 +2,7 @@
 
     python -m petune.plan.measure --model embedded --method lora --batch-size 2 --seq-len 64
     python -m petune.plan.measure --model tiny.json --method full --gradient-checkpointing
-    python -m petune.plan.measure --overhead    # the CPU constant in petune.plan.gpus.OVERHEAD_BYTES
+    python -m petune.plan.measure --overhead    # what `petune.plan.overhead` measures on this machine
 
 Run it in a fresh process (peak RSS is per process). It imports what a training step needs, notes the
 resident memory, builds the model (fp32; the embedded model's real weights, any other config.json with
@@ -94,8 +94,9 @@ def measure(model: str, setup: Any, steps: int = 3) -> dict[str, Any]:
     from petune.loss import causal_lm_loss
     from petune.memory import return_freed_memory_to_os
     from petune.plan.architectures import resolve_architecture
-    from petune.plan.gpus import CPU_IMPORTS_BYTES, this_cpu
+    from petune.plan.gpus import this_cpu
     from petune.plan.memory import plan
+    from petune.plan.overhead import cpu_overhead
 
     return_freed_memory_to_os()  # as `petune train` does
     before = resident_mb()
@@ -143,7 +144,7 @@ def measure(model: str, setup: Any, steps: int = 3) -> dict[str, Any]:
     }
     if predicted is not None:
         result["predicted_mb"] = round(predicted.total_bytes / MIB, 1)
-        result["predicted_step_mb"] = round((predicted.total_bytes - CPU_IMPORTS_BYTES) / MIB, 1)
+        result["predicted_step_mb"] = round((predicted.total_bytes - cpu_overhead().imports_bytes) / MIB, 1)
         result["predicted_phase"] = predicted.peak_phase
     return result
 
