@@ -32,6 +32,7 @@ unit: $(STAMP)
 test: lint types unit
 
 bench: $(STAMP)
+	$(BIN)/pip install -q -e '.[bench]'
 	$(BIN)/python benchmarks/run.py
 
 clean:

@@ -1,10 +1,12 @@
 """Side-by-side training-step benchmark, petune vs HF PEFT, written to BENCHMARKS.md.
 
 Each measurement runs `benchmarks/step.py` in a fresh process; petune and peft alternate so that
-drift of the machine (other load, thermal state) hits both alike.
+drift of the machine (other load, thermal state) hits both alike. After the table comes the end-to-end
+comparison of `petune train` with TRL's SFTTrainer + peft (`benchmarks/e2e_trl.py`), as its own section.
 
-    python benchmarks/run.py                      # the full table (about 20 minutes on 2 cores)
-    python benchmarks/run.py --cases lora:fp32 lora:fp32:ckpt --out /tmp/b.md
+    python benchmarks/run.py                      # the full table (about 20 minutes on 2 cores), then end-to-end
+    python benchmarks/run.py --cases lora:fp32 lora:fp32:ckpt --out /tmp/b.md --no-e2e
+    python benchmarks/run.py --e2e-only           # rewrite only the end-to-end section of BENCHMARKS.md
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+
+import e2e_trl  # benchmarks/, on the path when this file runs as a script
 
 HERE = Path(__file__).resolve().parent
 # The issue's table (method:dtype), plus checkpointing (":ckpt") for two of them.
@@ -54,8 +58,22 @@ def main() -> None:
     parser.add_argument("--cases", nargs="+", default=DEFAULT_CASES, help="method:dtype[:ckpt] ...")
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--out", type=Path, default=HERE.parent / "BENCHMARKS.md")
+    parser.add_argument("--note", default="", help="said after the end-to-end section's command (e.g. the load)")
+    end_to_end = parser.add_mutually_exclusive_group()
+    end_to_end.add_argument("--no-e2e", action="store_true", help="the step table only")
+    end_to_end.add_argument("--e2e-only", action="store_true", help="only the end-to-end section, kept in --out")
+    e2e_trl.add_arguments(parser, prefix="e2e-")
     args = parser.parse_args()
 
+    command = e2e_trl.command_line("benchmarks/run.py", sys.argv[1:])
+    if not args.e2e_only:
+        step_table(args, command)
+    if not args.no_e2e:
+        e2e_trl.run_section(e2e_trl.settings_from(args, prefix="e2e_"), args.e2e_repeats, args.out, command, args.note)
+
+
+def step_table(args: argparse.Namespace, command: str) -> None:
+    """Measure `args.cases` and write BENCHMARKS.md anew with their table."""
     rows = []
     for case in args.cases:
         method, dtype, *rest = case.split(":")
@@ -74,7 +92,7 @@ def main() -> None:
         "fresh process per measurement (model loading included). petune computes the loss with "
         "`petune.loss.causal_lm_loss` (no full logits); peft with the model's own `labels=` loss.",
         "",
-        f"Command: `python benchmarks/run.py {' '.join(sys.argv[1:])}`".rstrip(),
+        f"Command: `{command}`",
         "",
         "| method | dtype | checkpointing | petune step s | peft step s | step ratio | petune peak MB | "
         "peft peak MB | memory ratio |",
