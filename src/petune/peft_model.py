@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from petune import io, targets
+from petune import io, kernels, targets
 from petune.config import CLASSIFIER_MODULE_NAMES, PeftConfig
 from petune.layers import (
     BASE_ADAPTER,
@@ -33,7 +33,10 @@ from petune.quantization import keep_4bit_layers_trainable
 class PeftModel(nn.Module):
     """Wraps `model` (a transformers model or any `nn.Module`) with adapter `adapter_name`.
 
-    The base model's own parameters are frozen; only the active adapter's parameters train.
+    The base model's own parameters are frozen; only the active adapter's parameters train. Its RMSNorm and
+    SwiGLU modules run petune's memory-saving kernels (`petune.kernels`: same outputs, less kept for backward)
+    unless the environment sets `PETUNE_KERNELS=0`; `petune.kernels.disable(model)` turns them off, and
+    `unload()` / `merge_and_unload()` return the base model without them.
     """
 
     def __init__(self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default") -> None:
@@ -49,6 +52,8 @@ class PeftModel(nn.Module):
         self._disabled = False
         model.requires_grad_(False)
         keep_4bit_layers_trainable(model)
+        if kernels.enabled_by_default():
+            kernels.enable(model)
         self.add_adapter(adapter_name, peft_config)
         self.set_adapter(adapter_name)
 
@@ -263,6 +268,7 @@ class PeftModel(nn.Module):
             if isinstance(layer, ModulesToSave) and active is not None and active in layer.adapters:
                 keep = layer.adapters[active]
             replace_module(self.base_model, layer_name, keep)
+        kernels.disable(self.base_model)
         self._merged = []
         return self.base_model
 

@@ -188,12 +188,19 @@ CENSUS = {  # method -> (Setup fields, petune config or None)
 }
 
 
+@pytest.mark.parametrize("kernels", [True, False], ids=["kernels", "stock"])
 @pytest.mark.parametrize("precision", ["fp32", "bf16-true", "bf16-mixed"])
 @pytest.mark.parametrize("name", list(CENSUS))
-def test_layer_activations_equal_what_autograd_saves(name: str, precision: str, tmp_path: Path) -> None:
-    """bf16-true: a bf16 model; bf16-mixed: the same under autocast, as `petune train --precision bf16` runs."""
+def test_layer_activations_equal_what_autograd_saves(
+    name: str, precision: str, kernels: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """bf16-true: a bf16 model; bf16-mixed: the same under autocast, as `petune train --precision bf16` runs.
+    kernels: petune's RMSNorm and SwiGLU (every PeftModel's default); stock: `PETUNE_KERNELS=0`."""
     if name == "dora" and precision != "fp32":
         pytest.skip("DoRA is checked in fp32")
+    if name == "full" and not kernels:
+        pytest.skip("full fine-tuning never runs the kernels: the other case checks it")
+    monkeypatch.setenv("PETUNE_KERNELS", "1" if kernels else "0")
     dtype = torch.float32 if precision == "fp32" else torch.bfloat16
     config = LlamaConfig(
         hidden_size=256, intermediate_size=704, num_hidden_layers=1, num_attention_heads=8, num_key_value_heads=2
@@ -204,6 +211,8 @@ def test_layer_activations_equal_what_autograd_saves(name: str, precision: str, 
     method = "lora" if name == "lora all-linear" else name
     if adapter == "frozen":  # prompt methods: nothing in the layer trains, gradients still flow through it
         model.requires_grad_(False)
+        if kernels:  # as their PeftModel does
+            petune.kernels.enable(model)
     elif adapter is not None:
         adapter.task_type = "CAUSAL_LM"
         model = petune.get_peft_model(model, adapter).base_model.model
@@ -224,7 +233,8 @@ def test_layer_activations_equal_what_autograd_saves(name: str, precision: str, 
 
 
 def test_components_by_hand() -> None:
-    """A 2-layer model, LoRA r=4 on q and v, fp32 on a 1 GiB CUDA device, batch 2 x 8, no checkpointing."""
+    """A 2-layer model, LoRA r=4 on q and v, fp32 on a 1 GiB CUDA device, batch 2 x 8, no checkpointing, with
+    petune's kernels (PeftModel's default)."""
     arch = Architecture("hand", 64, 2, 4, 2, 128, 1000, False, 256)  # h 64, 4 heads of 16, kv width 32
     setup = Setup(method="lora", precision="fp32", batch_size=2, seq_len=8, lora_r=4)
     device = Device("test", "cuda", GIB)
@@ -234,11 +244,10 @@ def test_components_by_hand() -> None:
     lora = 2 * (4 * (64 + 64) + 4 * (64 + 32))  # q: 64 -> 64, v: 64 -> 32
     tokens = 16
     per_token_layer = (
-        2 * (4 * 64 + 4)  # two RMSNorm inputs in fp32 and their 1/rms
-        + 4 * 64  # q/k/v input, kept for LoRA's A
+        2 * (4 * 64 + 4)  # two RMSNorm outputs and their 1/rms; the first is also the q/k/v input LoRA's A keeps
         + 4 * (64 + 64)  # q and the attention output
         + 4 * 4  # softmax log-sum-exp per head
-        + 3 * 4 * 128  # gate, SiLU and up outputs
+        + 2 * 4 * 128  # gate and up outputs (the SwiGLU kernel recomputes SiLU)
         + 2 * 4 * 4  # A's outputs (r = 4) for q and v
         + 2 * 4 * 32  # k and v
     )

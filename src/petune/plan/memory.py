@@ -12,16 +12,18 @@ peak is the larger of the two moments (petune's measured peaks agree: tests/plan
 the most each component reaches during the step.
 
 Activations are counted from what autograd really keeps in a transformers Llama layer (SDPA attention,
-HF's RMSNorm, which upcasts to fp32), not from a rule of thumb; tests/plan/test_memory.py compares the
-count with the tensors a real layer saves. For comparison, Korthikanti et al. 2022 ("Reducing Activation
-Recomputation", section 4.1) give s b h (34 + 5 a s / h) bytes per GPT layer in fp16: their 5 a s / h term is
-the attention matrix, which flash/SDPA kernels never store, and their dropout masks do not exist in Llama.
+HF's RMSNorm, which upcasts to fp32, or petune's kernels, which every PeftModel runs), not from a rule of
+thumb; tests/plan/test_memory.py compares the count with the tensors a real layer saves. For comparison,
+Korthikanti et al. 2022 ("Reducing Activation Recomputation", section 4.1) give s b h (34 + 5 a s / h) bytes per
+GPT layer in fp16: their 5 a s / h term is the attention matrix, which flash/SDPA kernels never store, and their
+dropout masks do not exist in Llama.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from petune.kernels import enabled_by_default
 from petune.plan.architectures import Architecture
 from petune.plan.counts import adapter_params, largest_trainable_tensor, linear_shapes, total_params
 from petune.plan.gpus import Device
@@ -97,31 +99,50 @@ def optimizer_scratch_bytes(arch: Architecture, setup: Setup, device: Device) ->
     return 3 * FP32 * largest_trainable_tensor(arch, setup) if device.kind == "cpu" else 0
 
 
+def uses_kernels(setup: Setup) -> bool:
+    """Whether the step runs petune's RMSNorm and SwiGLU kernels (`petune.kernels`): every PeftModel does unless
+    `PETUNE_KERNELS=0`; full fine-tuning trains the plain transformers model."""
+    return setup.method != "full" and enabled_by_default()
+
+
+def norm_bytes(arch: Architecture, setup: Setup) -> int:
+    """Bytes per token one RMSNorm keeps: transformers' keeps its input upcast to fp32 (4h) and 1/rms (4), and
+    under full fine-tuning the normalised input for the weight's gradient (a h); petune's kernel keeps the input
+    in its own dtype (in fp32 the output instead, the same size) and 1/rms."""
+    a, h = activation_bytes(setup.precision), arch.hidden_size
+    if uses_kernels(setup):
+        return a * h + FP32
+    return FP32 * h + FP32 + (a * h if setup.method == "full" else 0)
+
+
 def layer_activation_bytes(arch: Architecture, setup: Setup) -> int:
     """Bytes one decoder layer keeps for backward, for a batch of `batch_size x seq_len` tokens.
 
     Per token (a = 2 or 4 bytes; h hidden, q and kv the projection widths, i intermediate, r LoRA rank):
-      RMSNorm x2     its input upcast to fp32 (4h) and 1/rms (4); full fine-tuning also keeps the
-                     normalised input for the norm weight's gradient (a h)
+      RMSNorm x2     `norm_bytes`
       linear inputs  a h for q/k/v and for gate/up, a i for down, when one of them trains or carries an
-                     adapter (o_proj's input is the attention output, kept anyway)
+                     adapter (o_proj's input is the attention output, kept anyway); with petune's kernels in
+                     fp32 the norm before q/k/v and gate/up keeps its output, which is that input
       attention      q, k, v and the output (a (2q + 2kv)) and the softmax log-sum-exp (4 per head);
                      never the s x s matrix (SDPA / flash attention)
-      gated MLP      gate output, SiLU output, up output (3 a i)
+      gated MLP      gate output, SiLU output, up output (3 a i); petune's SwiGLU kernel keeps gate and up (2 a i)
       adapters       LoRA: A's output (a r) per adapted layer; DoRA also the base and low-rank outputs (2 a out).
                      petune's adapters are fp32: in 16-bit training each adapted layer keeps its own copy of
                      its input (bf16 under autocast, fp32 without), not one shared copy per input
     """
     a, h, i = activation_bytes(setup.precision), arch.hidden_size, arch.intermediate_size
+    kernels = uses_kernels(setup)
     batch = setup.batch_size
     tokens = batch * (setup.seq_len + setup.virtual_in_input)
     kv_tokens = tokens + batch * setup.virtual_in_cache
     shapes = linear_shapes(arch)
-    per_token = 2 * (FP32 * h + FP32) + (2 * a * h if setup.method == "full" else 0)
-    per_token += 2 * a * arch.q_dim + FP32 * arch.num_heads + 3 * a * i
+    per_token = 2 * norm_bytes(arch, setup)
+    per_token += 2 * a * arch.q_dim + FP32 * arch.num_heads + (2 if kernels else 3) * a * i
     if setup.method == "full" or setup.precision == "fp32":  # layers sharing an input keep one copy of it
         trains = set(shapes) if setup.method == "full" else set(setup.adapted)
-        per_token += a * h * (bool(trains & {"q_proj", "k_proj", "v_proj"}) + bool(trains & {"gate_proj", "up_proj"}))
+        if not kernels:
+            per_token += a * h * bool(trains & {"q_proj", "k_proj", "v_proj"})
+            per_token += a * h * bool(trains & {"gate_proj", "up_proj"})
         per_token += a * i * ("down_proj" in trains)
         adapter = a
     else:  # petune keeps adapters in fp32 and casts each adapted layer's input: a copy per layer, which
@@ -167,7 +188,7 @@ def plan(arch: Architecture, setup: Setup, device: Device) -> Plan:
     head_gradient = arch.vocab_size * arch.hidden_size * a if setup.method == "full" else 0  # made first
     scratch = optimizer_scratch_bytes(arch, setup, device)
     tokens = setup.batch_size * (setup.seq_len + setup.virtual_in_input)
-    final_norm = tokens * (FP32 * arch.hidden_size + FP32 + (a * arch.hidden_size if setup.method == "full" else 0))
+    final_norm = tokens * norm_bytes(arch, setup)
     per_layer, backward = layer_activation_bytes(arch, setup), layer_backward_bytes(arch, setup)
     if setup.gradient_checkpointing:  # each layer keeps its input; backward recomputes one layer at a time
         saved, layer_peak = arch.num_layers * tokens * a * arch.hidden_size, per_layer + backward

@@ -1,0 +1,181 @@
+"""petune's kernels inside tiny Llama and Qwen2 models: same outputs and gradients as stock transformers,
+fewer bytes kept by autograd, gradient checkpointing, and a clean way back to the stock modules."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+import torch
+from conftest import build_batch, build_tiny_model
+from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
+
+import petune
+from petune import kernels
+from petune.kernels import SwiGLUFunction
+
+TARGETS = {"q,v": ["q_proj", "v_proj"], "all-linear": "all-linear"}
+ADAPTED_NORMS = {"q,v": 1, "all-linear": 2}  # norms whose output an adapter keeps as its input too
+
+
+def wrapped(arch: str, targets: str, dtype: torch.dtype = torch.float32) -> petune.PeftModel:
+    model = build_tiny_model(arch).to(dtype)
+    torch.manual_seed(0)  # init_lora_weights=False: random A and B, so the adapters change the output
+    config = petune.LoraConfig(task_type="CAUSAL_LM", r=4, target_modules=TARGETS[targets], init_lora_weights=False)
+    return petune.get_peft_model(model, config)
+
+
+def forward_backward(model: petune.PeftModel) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """(logits, gradient of the input embeddings, adapter gradients) of one fixed batch."""
+    batch = build_batch()
+    dtype = model.get_input_embeddings().weight.dtype
+    embeds = model.get_input_embeddings()(batch["input_ids"]).detach().requires_grad_()
+    model.zero_grad(set_to_none=True)
+    logits = model(inputs_embeds=embeds, attention_mask=batch["attention_mask"]).logits
+    torch.manual_seed(1)
+    (logits.float() * torch.randn(logits.shape)).sum().backward()
+    assert embeds.grad is not None and embeds.grad.dtype == dtype
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return logits.detach(), embeds.grad, grads
+
+
+@pytest.mark.parametrize("targets", list(TARGETS))
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_outputs_and_gradients_equal_stock(arch: str, targets: str, dtype: torch.dtype) -> None:
+    model = wrapped(arch, targets, dtype)
+    assert kernels.is_enabled(model)  # on by default
+    logits, input_grad, grads = forward_backward(model)
+    assert kernels.disable(model) == 2 * 3 + 1  # per layer two norms and the MLP, plus the final norm
+    stock_logits, stock_input_grad, stock_grads = forward_backward(model)
+    assert torch.equal(logits, stock_logits)
+    tolerance = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 3e-2, "atol": 3e-2}
+    scale = stock_input_grad.float().abs().max()
+    torch.testing.assert_close(input_grad.float() / scale, stock_input_grad.float() / scale, **tolerance)
+    assert grads.keys() == stock_grads.keys() and grads
+    for name, grad in stock_grads.items():
+        scale = grad.abs().max()
+        torch.testing.assert_close(grads[name] / scale, grad / scale, **tolerance)
+
+
+def kept_bytes(model: petune.PeftModel) -> int:
+    """Bytes of the distinct tensors autograd keeps for one forward, less the model's parameters."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    sizes: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in params:
+            sizes[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    batch = build_batch(pad=False)
+    embeds = model.get_input_embeddings()(batch["input_ids"]).detach().requires_grad_()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        model(inputs_embeds=embeds)
+    return sum(sizes.values())
+
+
+@pytest.mark.parametrize("targets", list(TARGETS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernels_keep_fewer_bytes(targets: str, dtype: torch.dtype) -> None:
+    """Per layer and token: silu(gate) (a i bytes) and the norms' savings. fp32: a norm keeps its output, which
+    the adapter after it keeps anyway (4 h each); bf16: each norm keeps its bf16 input, not an fp32 copy (2 h)."""
+    model = wrapped("llama", targets, dtype)
+    with_kernels = kept_bytes(model)
+    kernels.disable(model)
+    stock = kept_bytes(model)
+    config = model.config
+    a, h, i = 4 if dtype == torch.float32 else 2, config.hidden_size, config.intermediate_size
+    norms = 4 * h * ADAPTED_NORMS[targets] if dtype == torch.float32 else 2 * 2 * h
+    final_norm = 0 if dtype == torch.float32 else 2 * h
+    tokens = build_batch(pad=False)["input_ids"].numel()
+    assert stock - with_kernels == tokens * (config.num_hidden_layers * (a * i + norms) + final_norm)
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_gradient_checkpointing_gives_the_same_gradients(reentrant: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    reference = wrapped("llama", "all-linear")
+    reference.train()
+    _, _, expected = forward_backward(reference)
+    model = wrapped("llama", "all-linear")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    model.train()
+    calls: list[int] = []
+    backward = SwiGLUFunction.backward
+
+    def counted(ctx: Any, grad: torch.Tensor) -> Any:
+        calls.append(1)
+        return backward(ctx, grad)
+
+    monkeypatch.setattr(SwiGLUFunction, "backward", staticmethod(counted))
+    _, _, grads = forward_backward(model)
+    assert len(calls) == model.config.num_hidden_layers  # the recomputed layers ran the kernel
+    assert grads.keys() == expected.keys()
+    for name, grad in expected.items():
+        torch.testing.assert_close(grads[name], grad, rtol=1e-5, atol=1e-6)
+
+
+def is_stock(model: torch.nn.Module) -> bool:
+    return not any("forward" in vars(module) for module in model.modules())
+
+
+def test_unload_and_merge_and_unload_return_stock_modules() -> None:
+    stock_logits = forward_backward(wrapped("llama", "q,v"))[0]
+    for unload in ("unload", "merge_and_unload"):
+        model = wrapped("llama", "q,v")
+        base = getattr(model, unload)()
+        assert is_stock(base) and not kernels.is_enabled(base)
+        norm = base.model.norm
+        assert isinstance(norm, LlamaRMSNorm) and norm.forward.__func__ is LlamaRMSNorm.forward
+        if unload == "merge_and_unload":  # the merged model computes what the adapted one did
+            with torch.no_grad():
+                torch.testing.assert_close(base(**build_batch()).logits, stock_logits, rtol=1e-4, atol=1e-5)
+
+
+def test_get_base_model_computes_what_stock_transformers_does() -> None:
+    """The live base model (adapters and kernels in place, shared with the PeftModel) gives stock outputs."""
+    model = wrapped("llama", "q,v")
+    base = model.get_base_model()
+    assert kernels.is_enabled(base)
+    logits = base(**build_batch()).logits
+    kernels.disable(base)
+    assert torch.equal(logits, base(**build_batch()).logits)
+
+
+def test_opt_out(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PETUNE_KERNELS", "0")
+    assert is_stock(wrapped("llama", "q,v").get_base_model())
+    monkeypatch.delenv("PETUNE_KERNELS")
+    model = wrapped("llama", "q,v")
+    assert kernels.disable(model) == 7 and is_stock(model)
+    assert kernels.enable(model) == 7 and kernels.enable(model) == 0  # idempotent
+
+
+def test_only_silu_mlps_and_known_classes_are_patched() -> None:
+    gelu = build_tiny_model("llama", hidden_act="gelu")
+    assert kernels.enable(gelu) == 2 * 2 + 1  # the norms only
+    assert all("forward" not in vars(module) for module in gelu.modules() if isinstance(module, LlamaMLP))
+    assert kernels.enable(build_tiny_model("gpt2")) == 0
+
+
+def test_trained_norm_falls_back_to_stock_and_gets_its_gradient() -> None:
+    """modules_to_save copies a patched norm: the copy's forward follows the copy, and since its weight
+    trains it runs the stock forward (the kernel computes no weight gradient)."""
+    model = build_tiny_model("llama")
+    config = petune.LoraConfig(task_type="CAUSAL_LM", r=4, target_modules=["q_proj"], modules_to_save=["norm"])
+    peft_model = petune.get_peft_model(model, config)
+    trained = peft_model.get_base_model().model.norm.adapters["default"]
+    forward: Any = vars(trained)["forward"]
+    assert forward.module is trained
+    _, _, grads = forward_backward(peft_model)
+    assert any(name.endswith("norm.adapters.default.weight") for name in grads)
+
+
+def test_deepcopy_rebinds_the_patched_forward() -> None:
+    model = wrapped("llama", "q,v")
+    twin = copy.deepcopy(model)
+    norm = twin.get_base_model().model.norm
+    assert vars(norm)["forward"].module is norm
+    assert torch.equal(forward_backward(twin)[0], forward_backward(model)[0])
