@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+from safetensors.torch import load_file
 
 from petune.cli import main
 
@@ -22,19 +23,28 @@ def test_compare_writes_json_markdown_and_png(
     tiny_model_dir: Path, tiny_data: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     output = tmp_path / "cmp"
-    assert main(compare_args(tiny_model_dir, tiny_data, output, "--methods", "lora,prompt")) == 0
+    assert main(compare_args(tiny_model_dir, tiny_data, output, "--methods", "full,lora,prompt")) == 0
     result = json.loads((output / "compare.json").read_text())
     rows = {row["method"]: row for row in result["methods"]}
-    assert list(rows) == ["lora", "prompt"] and result["setup"]["max_steps"] == 2
+    assert list(rows) == ["full", "lora", "prompt"] and result["setup"]["max_steps"] == 2
     for row in rows.values():
         assert row["status"] == "done"
         assert row["heldout_loss"] > 0 and 0 <= row["exact_match_after"] <= 1
-        assert row["peak_memory_mb"] > 100 and row["wall_time_s"] > 0 and row["adapter_bytes"] > 0
+        assert row["peak_memory_mb"] > 100 and row["wall_time_s"] > 0 and row["saved_bytes"] > 0
     # the tiny model: hidden 32, 2 layers, q 32 -> 32 and v 32 -> 16 with r 8; 20 virtual tokens of 32
+    model_params = load_file(tiny_model_dir / "model.safetensors")
+    assert rows["full"]["trainable_params"] == sum(t.numel() for t in model_params.values())
     assert rows["lora"]["trainable_params"] == 2 * 8 * ((32 + 32) + (32 + 16))
     assert rows["prompt"]["trainable_params"] == 20 * 32
+    assert rows["full"]["saved_bytes"] > (tiny_model_dir / "model.safetensors").stat().st_size * 0.99
+    assert rows["lora"]["saved_bytes"] < 2 * 4 * rows["lora"]["trainable_params"]  # the adapter only
+    assert not (output / "full" / "checkpoints").exists()  # a comparison is not resumed: no checkpoints
+    # the base model is scored once, by the first run
+    assert rows["full"]["exact_match_before"] is not None
+    assert rows["lora"]["exact_match_before"] is None and rows["prompt"]["exact_match_before"] is None
     markdown = (output / "compare.md").read_text()
-    assert "| lora |" in markdown and "| prompt |" in markdown
+    assert "| full |" in markdown and "| lora |" in markdown and "| prompt |" in markdown
+    assert f"held-out exact match {rows['full']['exact_match_before']:.1%}" in markdown
     assert (output / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "compare.png" in capsys.readouterr().out
 
@@ -50,5 +60,15 @@ def test_budget_stops_a_run_and_says_so(
 
 
 def test_unknown_method_is_a_user_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["compare", "--methods", "lora,full", "--output", str(tmp_path / "x")]) == 2
-    assert "full" in capsys.readouterr().err
+    assert main(["compare", "--methods", "lora,adapterfusion", "--output", str(tmp_path / "x")]) == 2
+    error = capsys.readouterr().err
+    assert "adapterfusion cannot be trained" in error and "choose from: full, lora" in error
+    assert not (tmp_path / "x").exists()
+
+
+def test_defaults_are_the_six_methods_of_the_readme(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["compare", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "default: full,lora,dora,prompt,ptuning,prefix" in text
+    assert "over budget" in text

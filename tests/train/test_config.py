@@ -42,7 +42,7 @@ def test_comma_lists_and_none() -> None:
         ({"max_steps": "many"}, "option max_steps expects int, got 'many'"),
         ({"max_steps": 2.5}, "option max_steps expects int"),
         ({"packing": "maybe"}, "option packing expects bool"),
-        ({"method": "adapterfusion"}, "--method 'adapterfusion' is unknown; choose one of: lora, dora"),
+        ({"method": "adapterfusion"}, "--method 'adapterfusion' is unknown; choose one of: full, lora, dora"),
         ({"max_steps": 0}, "--max-steps must be at least 1"),
         ({"val_fraction": 1.5}, r"--val-fraction must be in \[0, 1\)"),
         ({"resume": True}, "--resume needs --output"),

@@ -13,26 +13,25 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from petune.cli import main
 from petune.train.config import build_config
 from petune.train.loop import lr_at, micro_batches
-from train.tiny import tiny_args
+from train.tiny import assert_every_weight_moved, tiny_args, trained_tensors
 
 QUICK = ["--eval-samples", "0", "--eval-before", "false", "--lora.target-modules", "all-linear"]
 
 
-def adapter_tensors(run: Path) -> dict[str, torch.Tensor]:
-    return load_file(run / "adapter" / "adapter_model.safetensors")
-
-
-def assert_same_adapter(a: Path, b: Path, atol: float) -> None:
-    first, second = adapter_tensors(a), adapter_tensors(b)
+def assert_same_tensors(a: Path, b: Path, atol: float) -> None:
+    first, second = trained_tensors(a), trained_tensors(b)
     assert first.keys() == second.keys()
     for key in first:
         torch.testing.assert_close(first[key], second[key], atol=atol, rtol=0, msg=key)
-    assert any(t.abs().sum() > 0 for k, t in first.items() if "lora_B" in k), "the adapter did not train"
+
+
+def assert_same_adapter(a: Path, b: Path, atol: float) -> None:
+    assert_same_tensors(a, b, atol)
+    assert any(t.abs().sum() > 0 for k, t in trained_tensors(a).items() if "lora_B" in k), "the adapter did not train"
 
 
 @pytest.mark.parametrize("schedule", ["linear", "cosine", "constant"])
@@ -69,11 +68,13 @@ def test_gradient_accumulation_equals_the_big_batch(
     assert_same_adapter(tmp_path / "big", tmp_path / "acc", atol=1e-6)
 
 
-def test_resume_after_sigkill_reaches_the_same_adapter(
-    tiny_model_dir: Path, tiny_data: tuple[Path, Path], tmp_path: Path
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_resume_after_sigkill_reaches_the_same_weights(
+    method: str, tiny_model_dir: Path, tiny_data: tuple[Path, Path], tmp_path: Path
 ) -> None:
-    # dropout > 0 so that the random state has to be restored too
+    # dropout > 0 so that the random state has to be restored too (LoRA; the tiny model itself has none)
     extra = [*QUICK, "--max-steps", "16", "--save-every", "2", "--keep-checkpoints", "3", "--lora.lora-dropout", "0.1"]
+    extra += ["--method", method]
     assert main([*tiny_args(tiny_model_dir, tiny_data, tmp_path / "straight"), *extra]) == 0
 
     run = tmp_path / "killed"
@@ -86,9 +87,13 @@ def test_resume_after_sigkill_reaches_the_same_adapter(
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert process.returncode == -signal.SIGKILL
-    assert not (run / "adapter").exists(), "the run finished before it could be killed"
+    assert not (run / "adapter").exists() and not (run / "model").exists(), "the run finished before it was killed"
     assert main([*args, "--resume"]) == 0
-    assert_same_adapter(tmp_path / "straight", run, atol=1e-6)
+    if method == "full":
+        assert_same_tensors(tmp_path / "straight", run, atol=1e-6)
+        assert_every_weight_moved(run, tiny_model_dir)
+    else:
+        assert_same_adapter(tmp_path / "straight", run, atol=1e-6)
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert sorted(s for s in steps) == steps and steps.count(16) == 2  # each step logged once (+ final eval)
     assert len(list((run / "checkpoints").glob("step-*"))) <= 3

@@ -1,6 +1,7 @@
 """Fixtures: a tiny Llama saved as a local HF folder with the embedded model's tokenizer (chat template included).
 
-Built once per session: `petune train --model <folder>` then runs in seconds, without any hub.
+Built once per session: `petune train --model <folder>` then runs in seconds, without any hub. Also the
+helpers that read what a run saved.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
 from petune.embedded import embedded_model_dir
@@ -75,3 +77,16 @@ def tiny_args(model: Path, data: tuple[Path, Path], output: Path, *extra: str) -
         "--max-steps", "4", "--batch-size", "4", "--eval-every", "2", "--save-every", "2", "--eval-samples", "2",
         "--lr", "1e-2", "--max-length", "64", *extra,
     ]  # fmt: skip
+
+
+def trained_tensors(run: Path) -> dict[str, torch.Tensor]:
+    """What a run saved: its adapter, or for --method full the whole model."""
+    adapter = run / "adapter" / "adapter_model.safetensors"
+    return load_file(adapter if adapter.is_file() else run / "model" / "model.safetensors")
+
+
+def assert_every_weight_moved(run: Path, base_dir: Path) -> None:
+    """Full fine-tuning: every tensor of the saved model differs from the base model's."""
+    trained, base = trained_tensors(run), load_file(base_dir / "model.safetensors")
+    assert trained.keys() == base.keys()
+    assert [k for k in base if torch.equal(trained[k], base[k])] == []

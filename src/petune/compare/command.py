@@ -12,6 +12,9 @@ from petune.compare.run import DEFAULT_METHODS, compare
 from petune.train import UserError
 
 SHARED = ("model", "data", "val_data", "max_steps", "batch_size", "max_length", "eval_samples", "seed")
+# The default comparison: six methods on the embedded model and the demo data in about 10 minutes on two
+# CPU cores (measured, README.md). The demo records are ~60 tokens, so --max-length does not bind there.
+DEFAULT_STEPS, DEFAULT_BATCH = 20, 8
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -24,13 +27,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="as for petune train (default: the embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--data", help="training data (default: the bundled demo set)")
     parser.add_argument("--val-data", help="held-out data (default: a share of --data)")
-    parser.add_argument("--max-steps", type=int, help="optimizer steps per method (default: petune train's)")
-    parser.add_argument("--batch-size", type=int, help="records per step (default: petune train's)")
+    parser.add_argument(
+        "--max-steps", type=int, default=DEFAULT_STEPS, help=f"optimizer steps per method (default: {DEFAULT_STEPS})"
+    )
+    parser.add_argument(
+        "--batch-size", type=int, default=DEFAULT_BATCH, help=f"records per step (default: {DEFAULT_BATCH})"
+    )
     parser.add_argument("--max-length", type=int, help="tokens per example (default: petune train's)")
     parser.add_argument("--eval-samples", type=int, help="held-out records scored by generation (default: train's)")
     parser.add_argument("--seed", type=int, help="the same seed for every method (default: train's)")
     parser.add_argument(
-        "--budget", type=float, metavar="SECONDS", help="cap on the total time; each run gets its share (default: none)"
+        "--budget",
+        type=float,
+        metavar="SECONDS",
+        help="cap on the total wall time of the runs: each method may use the time left divided by the methods "
+        "left; one still running at the end of its share is stopped and reported 'over budget', without results "
+        "(default: no cap; every method runs all its steps)",
     )
     parser.add_argument("--output", help="folder for the runs and compare.{json,md,png} (default: runs/compare-<time>)")
 

@@ -16,7 +16,7 @@ CHARTS = (
     ("trainable_params", "trainable parameters", 1.0, True),
     ("peak_memory_mb", "peak memory (MiB)", 1.0, False),
     ("wall_time_s", "wall time (s)", 1.0, False),
-    ("adapter_bytes", "adapter files (KiB)", 1 / 1024, True),
+    ("saved_bytes", "saved weights (KiB)", 1 / 1024, True),
 )
 
 
@@ -30,22 +30,24 @@ def write_reports(rows: list[Row], setup: dict[str, Any], output: Path) -> dict[
 
 
 def markdown(rows: list[Row], setup: dict[str, Any]) -> str:
-    """A Markdown table, one line per method, with the shared setup above it."""
+    """A Markdown table, one line per method, with the shared setup and the base model's score above it."""
+    base = next((r.exact_match_before for r in rows if r.exact_match_before is not None), None)
     lines = [
         "# petune compare",
         "",
         ", ".join(f"{key}: {value}" for key, value in setup.items()),
         "",
-        "| method | held-out loss | exact match (before -> after) | trainable params | peak memory | wall time "
-        "| adapter | status |",
+        f"base model before training: held-out exact match {_pct(base)}",
+        "",
+        "| method | held-out loss | exact match | trainable params | peak memory | wall time | saved weights "
+        "| status |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        match = f"{_pct(r.exact_match_before)} -> {_pct(r.exact_match_after)}"
-        adapter_kib = None if r.adapter_bytes is None else r.adapter_bytes / 1024
         lines.append(
-            f"| {r.method} | {_num(r.heldout_loss, '.4f')} | {match} | {_num(r.trainable_params, ',d')} "
-            f"| {r.peak_memory_mb:.0f} MiB | {r.wall_time_s:.0f} s | {_num(adapter_kib, '.1f')} KiB | {r.status} |"
+            f"| {r.method} | {_num(r.heldout_loss, '.4f')} | {_pct(r.exact_match_after)} "
+            f"| {_num(r.trainable_params, ',d')} | {r.peak_memory_mb:.0f} MiB | {r.wall_time_s:.0f} s "
+            f"| {_size(r.saved_bytes)} | {r.status} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -79,3 +81,9 @@ def _pct(value: float | None) -> str:
 
 def _num(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
+
+
+def _size(count: int | None) -> str:
+    if count is None:
+        return "-"
+    return f"{count / 2**20:.1f} MiB" if count >= 2**20 else f"{count / 2**10:.1f} KiB"

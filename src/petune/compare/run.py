@@ -3,6 +3,11 @@
 Each method is a `petune train` run in its own process, so its peak resident memory is its own (read with
 `os.wait4`) and a method that runs past its share of `--budget` can be stopped without losing the others.
 The share is the time left divided by the methods left, so a fast method leaves more to the next.
+
+The runs write no checkpoints (a comparison is not resumed, and a full fine-tuning checkpoint is four times
+the model: its weights twice and AdamW's two moments) and compute the held-out loss at the end only, the
+number the table reports. The base model is scored before training by the first run only: it is the same
+model for every method.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import yaml
 
 from petune.train import UserError
 
-DEFAULT_METHODS = ("lora", "dora", "prompt", "ptuning", "prefix")
+DEFAULT_METHODS = ("full", "lora", "dora", "prompt", "ptuning", "prefix")
 
 
 @dataclass
@@ -31,12 +36,12 @@ class Row:
     method: str
     status: str  # "done", "over budget" or "failed (exit N)"
     heldout_loss: float | None
-    exact_match_before: float | None
+    exact_match_before: float | None  # the base model's; measured by the first run only
     exact_match_after: float | None
     trainable_params: int | None
     peak_memory_mb: float
     wall_time_s: float
-    adapter_bytes: int | None
+    saved_bytes: int | None  # the weights the run saved: its adapter, or the whole model for full fine-tuning
     run_dir: str
 
 
@@ -58,6 +63,7 @@ def compare(methods: list[str], train_args: list[str], output: Path, budget_s: f
             timeout = max(1.0, (budget_s - (time.monotonic() - started)) / (len(methods) - index))
         run_dir = output / method
         argv = ["train", *train_args, "--method", method, "--output", str(run_dir), "--overwrite"]
+        argv += ["--save-every", "0", "--eval-every", "0", *(["--eval-before", "false"] if index > 0 else [])]
         print(f"[{index + 1}/{len(methods)}] petune {' '.join(argv)}", flush=True)
         rows.append(run_one(method, argv, run_dir, timeout))
     return rows
@@ -72,7 +78,7 @@ def run_one(method: str, argv: list[str], run_dir: Path, timeout: float | None) 
         status = f"failed (exit {code})"
     wall = time.monotonic() - begun
     results = _read_json(run_dir / "eval.json")
-    adapter = run_dir / "adapter"
+    weights = [f for folder in ("adapter", "model") for f in (run_dir / folder).glob("*.safetensors")]
     return Row(
         method=method,
         status=status,
@@ -82,7 +88,7 @@ def run_one(method: str, argv: list[str], run_dir: Path, timeout: float | None) 
         trainable_params=_trainable_params(run_dir),
         peak_memory_mb=round(peak_mb, 1),
         wall_time_s=round(wall, 1),
-        adapter_bytes=sum(f.stat().st_size for f in adapter.iterdir() if f.is_file()) if adapter.is_dir() else None,
+        saved_bytes=sum(f.stat().st_size for f in weights) if weights else None,
         run_dir=str(run_dir),
     )
 

@@ -1,7 +1,8 @@
 """Checkpoints: everything needed to continue a run exactly, written so a crash never leaves half of one.
 
     <run>/checkpoints/step-00000040/
-        adapter_config.json, adapter_model.safetensors   the adapter so far (HF PEFT format, usable as is)
+        adapter_config.json, adapter_model.safetensors   the adapter so far (HF PEFT format, usable as is);
+            for --method full: config.json, model.safetensors, the whole model (a transformers folder)
         trainer_state.pt    trainable tensors, optimizer state, step, data position (plain tensors and dicts)
         rng-rank<R>.pt      each process's random number generator states
 

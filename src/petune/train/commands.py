@@ -26,6 +26,8 @@ def adapter_folder(path: str) -> Path:
     folder = Path(path)
     if (folder / "adapter" / "adapter_config.json").is_file():
         folder = folder / "adapter"
+    if (folder / "model" / "config.json").is_file():
+        raise UserError(f"{path} is a full fine-tuning run, it has no adapter: use --model {folder / 'model'}")
     if not (folder / "adapter_config.json").is_file():
         raise UserError(f"{path} is not an adapter folder (no adapter_config.json) nor a run folder")
     return folder

@@ -18,7 +18,7 @@ import yaml
 
 from petune.train import UserError
 
-METHOD_NAMES = ("lora", "dora", "rslora", "qlora", "prompt", "ptuning", "prefix")
+METHOD_NAMES = ("full", "lora", "dora", "rslora", "qlora", "prompt", "ptuning", "prefix")
 SCHEDULES = ("linear", "cosine", "constant")
 PRECISIONS = ("auto", "bf16", "fp32")
 
@@ -85,11 +85,11 @@ class TrainConfig:
     val_data: str | None = option(None, "held-out data file; default: --val-fraction of --data")
     val_fraction: float = option(0.1, "share of --data held out when there is no --val-data")
     output: str | None = option(None, "run folder; default: runs/<method>-<date>-<time>")
-    method: str = option("lora", f"adapter method: {' | '.join(METHOD_NAMES)}")
+    method: str = option("lora", f"{' | '.join(METHOD_NAMES)}; full: every weight of the model trains, no adapter")
     max_steps: int = option(30, "optimizer steps")
     batch_size: int = option(8, "records per micro-batch, per process")
     grad_accum: int = option(1, "micro-batches per optimizer step (global batch = batch-size x grad-accum x nproc)")
-    lr: float | None = option(None, "peak learning rate; default: 2e-3 for LoRA methods, 3e-2 for prompt methods")
+    lr: float | None = option(None, "peak learning rate; default: 1e-4 full, 2e-3 LoRA methods, 3e-2 prompt methods")
     schedule: str = option("cosine", f"learning-rate schedule after warmup: {' | '.join(SCHEDULES)}")
     warmup_steps: int = option(3, "steps of linear warmup from 0 to --lr")
     weight_decay: float = option(0.0, "AdamW weight decay")

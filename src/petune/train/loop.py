@@ -1,4 +1,4 @@
-"""The training loop, top to bottom: load -> wrap -> (resume) -> steps -> adapter, metrics, plot, eval.
+"""The training loop, top to bottom: load -> wrap -> (resume) -> steps -> adapter (or model), metrics, plot, eval.
 
 One optimizer step takes a global batch of `batch_size x grad_accum x processes` examples. Each
 process sums its token losses and every sum is divided by the token count of the whole global batch,
@@ -20,15 +20,15 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 from tqdm.auto import tqdm
-from transformers import PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from petune import PeftModel, get_peft_model
+from petune import PeftModel
 from petune.embedded import resolve_model_path
 from petune.train import UserError, checkpoint, report
 from petune.train.config import TrainConfig
 from petune.train.data import IGNORE_INDEX, Dataset, collate, load_dataset
 from petune.train.evaluate import accuracy, heldout_loss, token_loss_sum
-from petune.train.methods import learning_rate, load_base, peft_config
+from petune.train.methods import as_base_model, learning_rate, load_base, trainable_model
 
 
 @dataclass
@@ -38,7 +38,7 @@ class Run:
     cfg: TrainConfig
     accelerator: Accelerator
     run_dir: Path
-    model: PeftModel
+    model: PeftModel | PreTrainedModel  # a plain transformers model for full fine-tuning
     tokenizer: PreTrainedTokenizerBase
     data: Dataset
     optimizer: torch.optim.Optimizer
@@ -59,7 +59,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
 
 def setup(cfg: TrainConfig) -> Run:
-    """The run folder, base model, data, adapter and optimizer."""
+    """The run folder, base model, data, adapter (none for full fine-tuning) and optimizer."""
     accelerator = Accelerator(cpu=not torch.cuda.is_available())  # cpu=True: gloo between CPU processes
     cfg.nproc = accelerator.num_processes  # as launched (`--nproc` or torchrun)
     if cfg.nproc > 1 and accelerator.device.type == "cpu":
@@ -76,7 +76,7 @@ def setup(cfg: TrainConfig) -> Run:
     data = load_dataset(
         tokenizer, cfg.data, cfg.val_data, cfg.val_fraction, cfg.max_length, cfg.train_on_prompt, cfg.packing, cfg.seed
     )
-    model = get_peft_model(base, peft_config(cfg, resolve_model_path(cfg.model)))
+    model = trainable_model(cfg, base, resolve_model_path(cfg.model))
     if cfg.method != "qlora":  # a 4-bit model is placed when loaded
         model.to(accelerator.device)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -100,7 +100,7 @@ def resume_or_score_base(run: Run) -> tuple[int, dict[str, Any]]:
             raise UserError(f"{found} was made with a global batch of {state['global_batch']}, not {run.global_batch}")
         start_step = state["step"]
     elif main and cfg.eval_before and cfg.eval_samples and run.data.val_records and "before" not in results:
-        with run.model.disable_adapter():
+        with as_base_model(run.model):
             results["before"] = accuracy(run.model, run.tokenizer, run.data.val_records[: cfg.eval_samples])
         report.write_results(run.run_dir, results)  # kept for a resumed run
         print(f"base model, held-out exact match: {results['before']['exact_match']:.1%}")
@@ -175,7 +175,7 @@ def optimizer_step(run: Run, trained: nn.Module, step: int) -> dict[str, float]:
 
 
 def finish(run: Run, results: dict[str, Any]) -> dict[str, Any]:
-    """Final held-out loss and accuracy; the adapter, eval.json, plot and summary (main process)."""
+    """Final held-out loss and accuracy; the adapter (or model), eval.json, plot and summary (main process)."""
     cfg = run.cfg
     final = heldout(run) if run.data.val else None
     if run.accelerator.is_main_process:
@@ -185,7 +185,7 @@ def finish(run: Run, results: dict[str, Any]) -> dict[str, Any]:
             results["heldout"] = final
         if cfg.eval_samples and run.data.val_records:
             results["after"] = accuracy(run.model, run.tokenizer, run.data.val_records[: cfg.eval_samples])
-        report.finish(run.run_dir, run.model, cfg, results, run.data)
+        report.finish(run.run_dir, run.model, run.tokenizer, cfg, results, run.data)
     run.accelerator.wait_for_everyone()
     return results
 

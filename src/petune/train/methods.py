@@ -1,34 +1,31 @@
-"""`--method NAME` -> the adapter config it trains (and, for qlora, a 4-bit base model).
+"""`--method NAME` -> what it trains: an adapter config (and, for qlora, a 4-bit base model), or for
+`full` every weight of the base model itself.
 
 One explicit table; the prompt-learning configs are imported when used, so a build without them still
-trains the LoRA family.
+trains the LoRA family. The rest of the training code asks the model, not the method name: a
+`PeftModel` is an adapter run, a plain transformers model a full fine-tuning run.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from petune import LoraConfig, PeftConfig, TaskType
+from petune import LoraConfig, PeftConfig, PeftModel, TaskType, get_peft_model
 from petune.embedded import load_model_and_tokenizer
 from petune.train import UserError
 from petune.train.config import TrainConfig
 
 LORA_FAMILY = ("lora", "dora", "rslora", "qlora")
-DEFAULT_LR = {
-    "lora": 2e-3,
-    "dora": 2e-3,
-    "rslora": 2e-3,
-    "qlora": 2e-3,
-    "prompt": 3e-2,
-    "ptuning": 3e-2,
-    "prefix": 3e-2,
-}
 
 
 def _lora(cfg: TrainConfig, model_path: str) -> PeftConfig:
@@ -70,27 +67,60 @@ def _prefix(cfg: TrainConfig, model_path: str) -> PeftConfig:
     return _prompt_config("PrefixTuningConfig", "prefix")(task_type=TaskType.CAUSAL_LM, **options)
 
 
-METHODS: dict[str, Callable[[TrainConfig, str], PeftConfig]] = {
-    "lora": _lora,
-    "dora": _lora,
-    "rslora": _lora,
-    "qlora": _lora,
-    "prompt": _prompt,
-    "ptuning": _ptuning,
-    "prefix": _prefix,
+@dataclass(frozen=True)
+class Method:
+    """A `--method`: its default peak learning rate, and the adapter config it builds from `(cfg, model
+    path)`; no adapter (None) is full fine-tuning, where every parameter of the base model trains."""
+
+    lr: float
+    adapter: Callable[[TrainConfig, str], PeftConfig] | None
+
+
+METHODS: dict[str, Method] = {
+    "full": Method(1e-4, None),
+    "lora": Method(2e-3, _lora),
+    "dora": Method(2e-3, _lora),
+    "rslora": Method(2e-3, _lora),
+    "qlora": Method(2e-3, _lora),
+    "prompt": Method(3e-2, _prompt),
+    "ptuning": Method(3e-2, _ptuning),
+    "prefix": Method(3e-2, _prefix),
 }
 
 
-def peft_config(cfg: TrainConfig, model_path: str) -> PeftConfig:
-    """The adapter config `cfg.method` trains, from the method's option section."""
+def peft_config(cfg: TrainConfig, model_path: str) -> PeftConfig | None:
+    """The adapter config `cfg.method` trains, from the method's option section; None for full fine-tuning."""
+    make = METHODS[cfg.method].adapter
     try:
-        return METHODS[cfg.method](cfg, model_path)
+        return None if make is None else make(cfg, model_path)
     except (TypeError, ValueError) as error:
         raise UserError(f"--method {cfg.method}: {error}") from None
 
 
 def learning_rate(cfg: TrainConfig) -> float:
-    return cfg.lr if cfg.lr is not None else DEFAULT_LR[cfg.method]
+    return cfg.lr if cfg.lr is not None else METHODS[cfg.method].lr
+
+
+def trainable_model(cfg: TrainConfig, base: PreTrainedModel, model_path: str) -> PeftModel | PreTrainedModel:
+    """The model the optimizer trains: `base` with the method's adapter, or `base` itself, all of it trainable."""
+    config = peft_config(cfg, model_path)
+    if config is None:
+        return base.requires_grad_(True)
+    return get_peft_model(base, config)
+
+
+def parameter_counts(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameters; tied weights (embedding = output head) count once."""
+    if isinstance(model, PeftModel):
+        return model.get_nb_trainable_parameters()  # counts 4-bit weights at their unpacked size
+    params = list(model.parameters())  # unique tensors
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+def as_base_model(model: nn.Module) -> AbstractContextManager[Any]:
+    """A block in which `model`, not yet trained, computes what the base model does: an adapter is switched
+    off (a prompt method's random virtual tokens would change the output); a full run's model is the base."""
+    return model.disable_adapter() if isinstance(model, PeftModel) else contextlib.nullcontext()
 
 
 def load_base(cfg: TrainConfig, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:

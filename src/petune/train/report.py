@@ -3,6 +3,7 @@
 <run>/config.yaml        the resolved options (`petune train --config <run>/config.yaml` repeats the run)
 <run>/metrics.jsonl      one JSON object per step (loss, lr, grad_norm, tokens_per_s) and per evaluation
 <run>/adapter/           the trained adapter, HF PEFT format
+<run>/model/             instead of adapter/ for --method full: the whole model and its tokenizer (plain HF)
 <run>/eval.json          held-out loss and accuracy, before and after, with the generations
 <run>/loss.png           training and held-out loss per step
 <run>/checkpoints/       see checkpoint.py
@@ -17,10 +18,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
 from petune import PeftModel
 from petune.train import UserError
 from petune.train.config import TrainConfig
 from petune.train.data import Dataset
+from petune.train.methods import parameter_counts
 from petune.train.plot import plot_metrics
 
 SAMPLES_SHOWN = 4
@@ -89,9 +94,9 @@ def write_results(run_dir: Path, results: dict[str, Any]) -> None:
 
 
 def describe_start(
-    cfg: TrainConfig, run_dir: Path, data: Dataset, model: PeftModel, global_batch: int, lr: float
+    cfg: TrainConfig, run_dir: Path, data: Dataset, model: nn.Module, global_batch: int, lr: float
 ) -> None:
-    trainable, total = model.get_nb_trainable_parameters()
+    trainable, total = parameter_counts(model)
     print(f"model: {cfg.model or 'embedded SmolLM2-135M-Instruct'} | method: {cfg.method} | run folder: {run_dir}")
     print(
         f"data: {data.train_records} training records ({len(data.train)} rows), {len(data.val)} held out | "
@@ -103,21 +108,37 @@ def describe_start(
     )
 
 
-def save_adapter(model: PeftModel, target: Path) -> None:
-    """Save the adapter folder atomically: write beside it, then rename over it."""
+def save_trained(model: nn.Module, tokenizer: PreTrainedTokenizerBase, run_dir: Path) -> Path:
+    """Save what the run trained and return its folder: `<run>/adapter` (HF PEFT format) or, for full
+    fine-tuning, `<run>/model` with the tokenizer (a plain transformers folder, loaded with `--model`).
+
+    Atomically: written beside the target, then renamed over it.
+    """
+    full = not isinstance(model, PeftModel)
+    target = run_dir / ("model" if full else "adapter")
     tmp = target.with_name(f".tmp-{target.name}")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
+    model.save_pretrained(tmp)  # type: ignore[operator]
+    if full:
+        tokenizer.save_pretrained(tmp)
     if target.exists():
         old = target.with_name(f".old-{target.name}")
         os.rename(target, old)
         shutil.rmtree(old)
     os.rename(tmp, target)
+    return target
 
 
-def finish(run_dir: Path, model: PeftModel, cfg: TrainConfig, results: dict[str, Any], data: Dataset) -> None:
-    """Write the adapter, eval.json and the plot; print the before/after summary."""
-    save_adapter(model, run_dir / "adapter")
+def finish(
+    run_dir: Path,
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    cfg: TrainConfig,
+    results: dict[str, Any],
+    data: Dataset,
+) -> None:
+    """Write the adapter (or model), eval.json and the plot; print the before/after summary."""
+    saved = save_trained(model, tokenizer, run_dir)
     records = data.val_records[: cfg.eval_samples]
     if "after" in results:
         results["samples"] = [
@@ -140,13 +161,14 @@ def finish(run_dir: Path, model: PeftModel, cfg: TrainConfig, results: dict[str,
         print(f"held-out exact match ({count} records): {before}{results['after']['exact_match']:.1%}")
         _print_samples(results["samples"][:SAMPLES_SHOWN])
     print(f"\nrun folder {run_dir}:")
-    print(f"  adapter      {run_dir / 'adapter'}  (HF PEFT format)")
+    print(f"  {saved.name:<12} {saved}  ({'HF PEFT format' if saved.name == 'adapter' else 'transformers folder'})")
     print(f"  metrics      {run_dir / 'metrics.jsonl'}")
     print(f"  plot         {run_dir / 'loss.png'}")
     print(f"  eval results {run_dir / 'eval.json'}")
     print(f"  config       {run_dir / 'config.yaml'}")
     model_flag = f" --model {cfg.model}" if cfg.model else ""
-    print(f'try it: petune generate{model_flag} --adapter {run_dir / "adapter"} "<your prompt>"')
+    flags = f"--model {saved}" if saved.name == "model" else f"{model_flag} --adapter {saved}".strip()
+    print(f'try it: petune generate {flags} "<your prompt>"')
 
 
 def _print_samples(samples: list[dict[str, Any]]) -> None:
