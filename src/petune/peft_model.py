@@ -36,7 +36,8 @@ class PeftModel(nn.Module):
     The base model's own parameters are frozen; only the active adapter's parameters train. Its RMSNorm and
     SwiGLU modules run petune's memory-saving kernels (`petune.kernels`: same outputs, less kept for backward)
     unless the environment sets `PETUNE_KERNELS=0`; `petune.kernels.disable(model)` turns them off, and
-    `unload()` / `merge_and_unload()` return the base model without them.
+    `unload()` / `merge_and_unload()` return the base model without them (`get_base_model()` returns the live
+    base model, kernels in place; its outputs are stock transformers' bit for bit).
     """
 
     def __init__(self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default") -> None:

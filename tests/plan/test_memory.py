@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import weakref
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -268,7 +269,8 @@ def test_components_by_hand() -> None:
     assert not result.fits  # the 1 GiB overhead alone fills the device
 
 
-def test_gradient_checkpointing_keeps_layer_inputs_only() -> None:
+def test_gradient_checkpointing_keeps_layer_inputs_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PETUNE_KERNELS", "0")  # the recomputed layer runs stock either way: compare like with like
     arch = ARCHITECTURES["llama-2-7b"]
     plain = plan(arch, Setup(method="lora", batch_size=4, seq_len=1024), Device("d", "cuda", 80 * GIB))
     ckpt = plan(arch, Setup(method="lora", batch_size=4, seq_len=1024, gradient_checkpointing=True), plain.device)
@@ -276,6 +278,16 @@ def test_gradient_checkpointing_keeps_layer_inputs_only() -> None:
     layer_inputs = 32 * 4 * 1024 * 4096 * 2
     assert layer_inputs < ckpt.components["activations"] < layer_inputs + plain.components["activations"] / 16
     assert plain.components["activations"] > 10 * layer_inputs / 2
+
+
+def test_checkpointed_layers_are_counted_without_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under gradient checkpointing petune's kernels step aside inside the layers (petune.kernels.base)."""
+    arch, setup = ARCHITECTURES["smollm2-135m"], Setup(method="lora", precision="fp32", batch_size=4, seq_len=256)
+    kernels, checkpointed = layer_activation_bytes(arch, setup), replace(setup, gradient_checkpointing=True)
+    monkeypatch.setenv("PETUNE_KERNELS", "0")
+    stock = layer_activation_bytes(arch, setup)
+    assert layer_activation_bytes(arch, checkpointed) == stock
+    assert stock - kernels == 4 * 256 * 4 * (576 + 1536)  # the first norm's output and silu(gate), fp32
 
 
 def test_largest_batch_and_sequence_fit_and_one_more_does_not() -> None:

@@ -9,13 +9,20 @@ what the gradient of the whole block needs and recompute the cheap elementwise r
 
 Outputs are bit-identical to transformers'; input gradients equal them to rounding (tests/kernels).
 
-`enable(model)` patches instances, never classes: a recognised module gets a `forward` attribute of its
-own, which `disable(model)` deletes again, leaving stock transformers modules. A norm whose weight trains,
-and any call without gradients (generation, evaluation), runs the class's own forward. The functions keep
-no state between calls, so gradient checkpointing (reentrant or not) recomputes them like any operation.
+`enable(model)` patches instances, never classes: a recognised module inside a decoder layer gets a
+`forward` attribute of its own, which `disable(model)` deletes again, leaving stock transformers modules. A
+norm whose weight trains, any call without gradients (generation, evaluation) and any decoder layer under
+gradient checkpointing (where they save nothing: see `PatchedForward`) run the class's own forward. The
+functions keep no state between calls, so they are safe to recompute (reentrant or not).
 
 `PeftModel` enables them on its base model unless the environment sets `PETUNE_KERNELS=0`; `unload()`
 and `merge_and_unload()` disable them, so the model they return is stock.
+
+Measured (SmolLM2-135M, LoRA r8 q,v, batch 4 x 256, AdamW, 2 CPU cores, fresh process per run, medians):
+autograd keeps 27% less per layer in fp32 (23.1 vs 31.6 kB a token) and 25% less in bf16 (16.2 vs 21.6 kB);
+peak RSS fp32 2722 vs 2846 MB (4 runs each; 1728 vs 1974 MB with glibc's mmap threshold fixed, where heap
+fragmentation does not hide the saving), bf16 1680 vs 1898 MB (3 runs); step time fp32 -3% (4.17 vs
+4.31 s, 8 alternating steps in one process), bf16 unchanged (3.08 vs 3.04 s).
 """
 
 from __future__ import annotations
@@ -23,14 +30,16 @@ from __future__ import annotations
 import os
 
 from torch import nn
+from transformers.modeling_layers import GradientCheckpointingLayer
 
+from petune.kernels.base import PatchedForward
 from petune.kernels.rms_norm import RMSNormForward, RMSNormFunction
 from petune.kernels.swiglu import SwiGLUFunction, SwiGLUMLPForward, is_silu
 
 __all__ = ["RMSNormFunction", "SwiGLUFunction", "disable", "enable", "enabled_by_default", "is_enabled"]
 
 # transformers families whose RMSNorm and MLP forwards are, line for line, LlamaRMSNorm's and LlamaMLP's
-# (tests/kernels/test_patch.py checks that against the installed transformers). Family -> (norm, MLP or None).
+# (tests/kernels/test_families.py checks that against the installed transformers). Family -> (norm, MLP or None).
 FAMILIES: dict[str, tuple[str, str | None]] = {
     "llama": ("LlamaRMSNorm", "LlamaMLP"),
     "mistral": ("MistralRMSNorm", "MistralMLP"),
@@ -46,7 +55,6 @@ FAMILIES: dict[str, tuple[str, str | None]] = {
 }
 _NORMS = {(f"transformers.models.{family}.modeling_{family}", norm) for family, (norm, _) in FAMILIES.items()}
 _MLPS = {(f"transformers.models.{family}.modeling_{family}", mlp) for family, (_, mlp) in FAMILIES.items() if mlp}
-_FORWARDS = (RMSNormForward, SwiGLUMLPForward)
 
 
 def enabled_by_default() -> bool:
@@ -59,16 +67,29 @@ def _kind(module: nn.Module) -> tuple[str, str]:
 
 
 def enable(model: nn.Module) -> int:
-    """Give every recognised RMSNorm and SiLU-gated MLP in `model` its memory-saving forward; returns how
-    many modules were patched (0 for an architecture petune does not recognise). Idempotent."""
+    """Give every recognised RMSNorm and SiLU-gated MLP inside `model`'s decoder layers its memory-saving
+    forward; returns how many modules were patched (0 for an architecture petune does not recognise).
+    Idempotent."""
+    # The innermost decoder layer around each module (modules() lists outer modules first). Only modules inside
+    # one are patched: the final norm would save ~nothing (one norm of 2L + 1) and, measured, it shifted glibc's
+    # heap fragmentation by +50-80 MB of peak RSS under gradient checkpointing.
+    layers = {
+        id(m): layer
+        for layer in model.modules()
+        if isinstance(layer, GradientCheckpointingLayer)
+        for m in layer.modules()
+    }
     patched = 0
     for module in model.modules():
         if "forward" in vars(module):
             continue  # patched already, or someone else's instance-level forward: leave it
+        layer = layers.get(id(module))
+        if layer is None:
+            continue
         if _kind(module) in _NORMS:
-            module.forward = RMSNormForward(module)
+            module.forward = RMSNormForward(module, layer)
         elif _kind(module) in _MLPS and is_silu(module.get_submodule("act_fn")):
-            module.forward = SwiGLUMLPForward(module)
+            module.forward = SwiGLUMLPForward(module, layer)
         else:
             continue
         patched += 1
@@ -79,7 +100,7 @@ def disable(model: nn.Module) -> int:
     """Undo `enable`: every patched module runs its class's forward again; returns how many were restored."""
     restored = 0
     for module in model.modules():
-        if isinstance(vars(module).get("forward"), _FORWARDS):
+        if isinstance(vars(module).get("forward"), PatchedForward):
             del module.forward
             restored += 1
     return restored
@@ -87,4 +108,4 @@ def disable(model: nn.Module) -> int:
 
 def is_enabled(model: nn.Module) -> bool:
     """Whether any module of `model` runs one of the kernels' forwards."""
-    return any(isinstance(vars(module).get("forward"), _FORWARDS) for module in model.modules())
+    return any(isinstance(vars(module).get("forward"), PatchedForward) for module in model.modules())

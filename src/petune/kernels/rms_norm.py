@@ -21,6 +21,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from petune.kernels.base import PatchedForward
+
 
 class RMSNormFunction(torch.autograd.Function):
     """`weight * rms_normalise(x)` for a weight that does not train; gradients for `x` only."""
@@ -50,19 +52,20 @@ class RMSNormFunction(torch.autograd.Function):
         return grad_x.to(ctx.input_dtype), None, None, None
 
 
-class RMSNormForward:
+class RMSNormForward(PatchedForward):
     """The replacement forward of one RMSNorm module; falls back to the class's own forward when the weight
-    trains or no gradient is being recorded."""
+    trains, no gradient is being recorded or the layer is checkpointed."""
 
-    def __init__(self, module: nn.Module) -> None:
-        self.module = module
+    def __init__(self, module: nn.Module, layer: nn.Module) -> None:
+        super().__init__(module, layer)
         self._weight_key: tuple[int, int] | None = None  # (storage, version) of the weight last checked
         self._weight_nonzero = False
 
     def __call__(self, hidden_states: torch.Tensor) -> torch.Tensor:
         module = self.module
         weight: torch.Tensor = module.weight  # type: ignore[assignment]
-        if weight.requires_grad or not (torch.is_grad_enabled() and hidden_states.requires_grad):
+        grad = torch.is_grad_enabled() and hidden_states.requires_grad
+        if weight.requires_grad or not grad or self.checkpointing():
             return type(module).forward(module, hidden_states)
         eps = float(module.variance_epsilon)  # type: ignore[arg-type]
         out: torch.Tensor = RMSNormFunction.apply(hidden_states, weight, eps, self._can_keep_output(hidden_states))

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from petune.kernels.base import PatchedForward
+
 
 class SwiGLUFunction(torch.autograd.Function):
     """silu(gate) * up, both (..., I)."""
@@ -42,19 +44,16 @@ def is_silu(module: nn.Module) -> bool:
     return type(module).__name__ in ("SiLU", "SiLUActivation")
 
 
-class SwiGLUMLPForward:
+class SwiGLUMLPForward(PatchedForward):
     """The replacement forward of one LlamaMLP-like module: `down_proj(silu(gate_proj(x)) * up_proj(x))`.
 
     The three projections are called as they are, so plain frozen linears and petune's adapter layers
     (LoRA on all-linear) both work; only the product in between changes."""
 
-    def __init__(self, module: nn.Module) -> None:
-        self.module = module
-
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         module = self.module
         act_fn = module.get_submodule("act_fn")
-        if not is_silu(act_fn):
+        if not is_silu(act_fn) or self.checkpointing():
             return type(module).forward(module, x)
         gate, up = module.get_submodule("gate_proj")(x), module.get_submodule("up_proj")(x)
         if torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad) and gate.dtype == up.dtype:

@@ -100,17 +100,18 @@ def optimizer_scratch_bytes(arch: Architecture, setup: Setup, device: Device) ->
 
 
 def uses_kernels(setup: Setup) -> bool:
-    """Whether the step runs petune's RMSNorm and SwiGLU kernels (`petune.kernels`): every PeftModel does unless
-    `PETUNE_KERNELS=0`; full fine-tuning trains the plain transformers model."""
-    return setup.method != "full" and enabled_by_default()
+    """Whether the decoder layers run petune's RMSNorm and SwiGLU kernels (`petune.kernels`): in every PeftModel
+    unless `PETUNE_KERNELS=0` (full fine-tuning trains the plain transformers model), and not under gradient
+    checkpointing, where they step aside. The final norm always runs transformers' own."""
+    return setup.method != "full" and not setup.gradient_checkpointing and enabled_by_default()
 
 
-def norm_bytes(arch: Architecture, setup: Setup) -> int:
+def norm_bytes(arch: Architecture, setup: Setup, kernel: bool) -> int:
     """Bytes per token one RMSNorm keeps: transformers' keeps its input upcast to fp32 (4h) and 1/rms (4), and
     under full fine-tuning the normalised input for the weight's gradient (a h); petune's kernel keeps the input
     in its own dtype (in fp32 the output instead, the same size) and 1/rms."""
     a, h = activation_bytes(setup.precision), arch.hidden_size
-    if uses_kernels(setup):
+    if kernel:
         return a * h + FP32
     return FP32 * h + FP32 + (a * h if setup.method == "full" else 0)
 
@@ -136,7 +137,7 @@ def layer_activation_bytes(arch: Architecture, setup: Setup) -> int:
     tokens = batch * (setup.seq_len + setup.virtual_in_input)
     kv_tokens = tokens + batch * setup.virtual_in_cache
     shapes = linear_shapes(arch)
-    per_token = 2 * norm_bytes(arch, setup)
+    per_token = 2 * norm_bytes(arch, setup, kernels)
     per_token += 2 * a * arch.q_dim + FP32 * arch.num_heads + (2 if kernels else 3) * a * i
     if setup.method == "full" or setup.precision == "fp32":  # layers sharing an input keep one copy of it
         trains = set(shapes) if setup.method == "full" else set(setup.adapted)
@@ -188,7 +189,7 @@ def plan(arch: Architecture, setup: Setup, device: Device) -> Plan:
     head_gradient = arch.vocab_size * arch.hidden_size * a if setup.method == "full" else 0  # made first
     scratch = optimizer_scratch_bytes(arch, setup, device)
     tokens = setup.batch_size * (setup.seq_len + setup.virtual_in_input)
-    final_norm = tokens * norm_bytes(arch, setup)
+    final_norm = tokens * norm_bytes(arch, setup, kernel=False)
     per_layer, backward = layer_activation_bytes(arch, setup), layer_backward_bytes(arch, setup)
     if setup.gradient_checkpointing:  # each layer keeps its input; backward recomputes one layer at a time
         saved, layer_peak = arch.num_layers * tokens * a * arch.hidden_size, per_layer + backward
