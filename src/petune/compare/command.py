@@ -12,8 +12,8 @@ from petune.compare.run import DEFAULT_METHODS, compare
 from petune.train import UserError
 
 SHARED = ("model", "data", "val_data", "max_steps", "batch_size", "max_length", "eval_samples", "seed")
-# The default comparison: six methods on the embedded model and the demo data in about 10 minutes on two
-# CPU cores (measured, README.md). The demo records are ~60 tokens, so --max-length does not bind there.
+# The default comparison: six methods on the embedded model and the demo data in 7 minutes on two idle CPU
+# cores (measured, README.md). The demo records are ~60 tokens, so --max-length does not bind there.
 DEFAULT_STEPS, DEFAULT_BATCH = 20, 8
 
 
