@@ -174,7 +174,7 @@ def trl_config(config_class: Any, settings: Settings, output: str) -> Any:
         warmup_steps=settings.warmup_steps,
         weight_decay=settings.weight_decay,
         max_grad_norm=settings.max_grad_norm,
-        optim="adamw_torch",
+        optim="adamw_torch_fused",  # its default, and the kernel petune train uses (petune.optim)
         max_length=settings.max_length,
         packing=False,
         completion_only_loss=True,

@@ -5,9 +5,9 @@ its own; with `--repeats N` the sides alternate, TRL first, and the section show
 
 Both sides train the embedded SmolLM2-135M-Instruct with LoRA (r 8, alpha 16, dropout 0, q_proj and v_proj) on
 the same records in the same order (petune's shuffled stream of the training file, handed to TRL as a list that
-its trainer reads sequentially), with the same optimizer settings (AdamW, lr 2e-3, 3 warmup steps then cosine,
-no weight decay, gradient norm clipped to 1), batch 8, max length 512, no packing, loss on the completion
-tokens only, fp32 (`--precision bf16` for both), no gradient checkpointing, no evaluation or checkpoints.
+its trainer reads sequentially), with the same optimizer settings (torch's fused AdamW, lr 2e-3, 3 warmup
+steps then cosine, no weight decay, gradient norm clipped to 1), batch 8, max length 512, no packing, loss on
+the completion tokens only, fp32 (`--precision bf16` for both), no gradient checkpointing, no evaluation or checkpoints.
 petune runs its own training loop (`petune.train.loop.setup` + `train_steps`, what `petune train` calls);
 TRL gets the chat records as conversational prompt-completion pairs, so its `completion_only_loss` masks
 the same prompt tokens that petune masks (the section warns when the two count different tokens).

@@ -1,9 +1,13 @@
 """Time one training step of each prompt method against LoRA on the same model and batch.
 
-Run: `python benchmarks/prompt_vs_lora_step.py` (about a minute on a 2-core CPU). It uses the embedded
-SmolLM2-135M when available, else a random 4-layer Llama, and prints a table of median step times. A step is
-forward + backward + AdamW update, in training mode. The prompt methods see `--virtual` more positions than
-LoRA does (that is what they are), so the table also shows how many positions each step computed.
+Run: `python benchmarks/prompt_vs_lora_step.py` (about a minute on a 2-core CPU; `--batch 4 --tokens 256
+--steps 10` for the numbers in BENCHMARKS.md). It uses the embedded SmolLM2-135M when available, else a
+random 4-layer Llama, and prints a table of median step times. A step is forward + backward + AdamW update
+(petune train's, `petune.optim.adamw`) in training mode, with the loss `petune train` uses (`--loss petune`:
+`petune.loss.causal_lm_loss`, logits only where a label is) or the model's own (`--loss labels`: the
+forward's `labels=`, full logits, what a transformers Trainer does). The prompt methods see `--virtual`
+more positions than LoRA does (that is what they are), so the table also shows how many positions each
+step computed. `lora control` is a second, identical LoRA: its ratio shows the run's noise.
 
 Each method wraps its own copy of the base model and the methods take their steps in turn (round-robin), so
 a machine whose load changes during the run slows every method alike.
@@ -23,6 +27,8 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
 import petune
 from petune import LoraConfig, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig
+from petune.loss import causal_lm_loss
+from petune.optim import adamw
 
 
 def base_model(name: str) -> PreTrainedModel:
@@ -48,6 +54,7 @@ def base_model(name: str) -> PreTrainedModel:
 def configs(virtual: int) -> dict[str, Callable[[], Any]]:
     return {
         "lora (r=8, q/v)": lambda: LoraConfig(task_type="CAUSAL_LM", r=8),
+        "lora control": lambda: LoraConfig(task_type="CAUSAL_LM", r=8),
         "prompt tuning": lambda: PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=virtual),
         "p-tuning (MLP)": lambda: PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=virtual),
         "p-tuning (LSTM)": lambda: PromptEncoderConfig(
@@ -60,10 +67,12 @@ def configs(virtual: int) -> dict[str, Callable[[], Any]]:
     }
 
 
-def timed_step(model: petune.PeftModel, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor]) -> float:
+def timed_step(
+    model: petune.PeftModel, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor], loss: str
+) -> float:
     """Seconds for one forward + backward + optimizer step."""
     start = time.perf_counter()
-    model(**batch).loss.backward()
+    (causal_lm_loss(model, batch) if loss == "petune" else model(**batch).loss).backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return time.perf_counter() - start
@@ -77,6 +86,8 @@ def main() -> None:
     parser.add_argument("--virtual", type=int, default=16)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--loss", choices=["petune", "labels"], default="petune")
+    parser.add_argument("--methods", help="comma-separated names from the table's first column (default: all)")
     args = parser.parse_args()
     torch.manual_seed(0)
     model = base_model(args.model)
@@ -84,15 +95,22 @@ def main() -> None:
     input_ids = torch.randint(0, vocab, (args.batch, args.tokens))
     batch = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": input_ids}
     print(f"{type(model).__name__}, batch {args.batch} x {args.tokens} tokens, {args.virtual} virtual tokens")
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, loss: {args.loss}")
+    chosen = configs(args.virtual)
+    if args.methods:
+        names = [name.strip() for name in args.methods.split(",")]
+        unknown = [name for name in names if name not in chosen]
+        if unknown:
+            parser.error(f"unknown method(s) {unknown}; choose from {list(chosen)}")
+        chosen = {name: make for name, make in chosen.items() if name in names or name == "lora (r=8, q/v)"}
     runs = {}
-    for name, make in configs(args.virtual).items():
+    for name, make in chosen.items():
         peft_model = petune.get_peft_model(copy.deepcopy(model), make()).train()
-        optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-4)
+        optimizer = adamw([p for p in peft_model.parameters() if p.requires_grad], lr=1e-4)
         runs[name] = (peft_model, optimizer, [])
     for step in range(args.warmup + args.steps):
         for peft_model, optimizer, times in runs.values():
-            seconds = timed_step(peft_model, optimizer, batch)
+            seconds = timed_step(peft_model, optimizer, batch, args.loss)
             if step >= args.warmup:
                 times.append(seconds)
     print(f"{'method':<22}{'median ms/step':>16}{'vs LoRA':>10}{'positions':>11}{'trainable':>12}")

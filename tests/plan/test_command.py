@@ -78,3 +78,11 @@ def test_bad_input_is_one_line(capsys: pytest.CaptureFixture[str], argv: list[st
     code, _, err = run(capsys, *argv)
     assert code == 2
     assert expected in err and len(err.strip().splitlines()) == 1
+
+
+def test_config_without_the_needed_fields_names_them(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text(json.dumps({"hidden_size": 64, "intermediate_size": 128}))
+    code, _, err = run(capsys, "--model", str(tmp_path), "--gpu", "cpu")
+    assert code == 2
+    assert "lacks the field(s) plan needs: num_hidden_layers, num_attention_heads, vocab_size" in err
+    assert len(err.strip().splitlines()) == 1

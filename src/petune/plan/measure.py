@@ -93,6 +93,7 @@ def measure(model: str, setup: Any, steps: int = 3) -> dict[str, Any]:
     import petune
     from petune.loss import causal_lm_loss
     from petune.memory import return_freed_memory_to_os
+    from petune.optim import adamw
     from petune.plan.architectures import resolve_architecture
     from petune.plan.gpus import this_cpu
     from petune.plan.memory import plan
@@ -115,7 +116,7 @@ def measure(model: str, setup: Any, steps: int = 3) -> dict[str, Any]:
     config = adapter_config(setup)
     trained = network if config is None else petune.get_peft_model(network, config)
     trained.train()
-    optimizer = torch.optim.AdamW([p for p in trained.parameters() if p.requires_grad], lr=1e-4)
+    optimizer = adamw([p for p in trained.parameters() if p.requires_grad], lr=1e-4)
     vocab = network.config.vocab_size
     input_ids = torch.randint(0, vocab, (setup.batch_size, setup.seq_len))
     batch = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": input_ids}

@@ -92,10 +92,10 @@ def optimizer_state_bytes(trainable: int, setup: Setup) -> int:
 
 
 def optimizer_scratch_bytes(arch: Architecture, setup: Setup, device: Device) -> int:
-    """Temporaries of the optimizer step. On CPU torch's AdamW goes tensor by tensor: `sqrt(v)`, its quotient
-    and the previous tensor's denominator, three fp32 copies of the largest tensor. On a GPU the plan assumes
-    the fused AdamW kernel, which updates in place (torch's default foreach version would add one fp32 copy
-    of every trainable parameter)."""
+    """Temporaries of the optimizer step. On CPU, three fp32 copies of the largest trainable tensor: what
+    torch's per-tensor AdamW allocates (`sqrt(v)`, its quotient, the previous tensor's denominator), and
+    measured the same for the fused kernel petune uses (`petune.optim`; SmolLM2 full fine-tuning, 2 x 64:
+    peak 2670 MB fused, 2669 MB per-tensor). On a GPU the plan assumes the fused kernel updates in place."""
     return 3 * FP32 * largest_trainable_tensor(arch, setup) if device.kind == "cpu" else 0
 
 

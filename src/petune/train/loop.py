@@ -24,6 +24,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from petune import PeftModel
 from petune.embedded import resolve_model_path
+from petune.optim import adamw
 from petune.train import UserError, checkpoint, report
 from petune.train.config import TrainConfig
 from petune.train.data import IGNORE_INDEX, Dataset, collate, load_dataset
@@ -81,7 +82,7 @@ def setup(cfg: TrainConfig) -> Run:
         model.to(accelerator.device)
     params = [p for p in model.parameters() if p.requires_grad]
     peak_lr = learning_rate(cfg)
-    optimizer = torch.optim.AdamW(params, lr=peak_lr, weight_decay=cfg.weight_decay)
+    optimizer = adamw(params, lr=peak_lr, weight_decay=cfg.weight_decay)
     run = Run(cfg, accelerator, run_dir, model, tokenizer, data, optimizer, peak_lr, use_bf16)
     if main:
         report.describe_start(cfg, run_dir, data, model, run.global_batch, peak_lr)
