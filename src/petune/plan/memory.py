@@ -128,8 +128,8 @@ def layer_activation_bytes(arch: Architecture, setup: Setup) -> int:
                      never the s x s matrix (SDPA / flash attention)
       gated MLP      gate output, SiLU output, up output (3 a i); petune's SwiGLU kernel keeps gate and up (2 a i)
       adapters       LoRA: A's output (a r) per adapted layer; DoRA also the base and low-rank outputs (2 a out).
-                     petune's adapters are fp32: in 16-bit training each adapted layer keeps its own copy of
-                     its input (bf16 under autocast, fp32 without), not one shared copy per input
+                     petune's adapters are fp32; LoRA keeps the 16-bit input itself for A's gradient
+                     (`petune.methods.lora.project_down`), DoRA an fp32 copy per adapted layer
     """
     a, h, i = activation_bytes(setup.precision), arch.hidden_size, arch.intermediate_size
     kernels = uses_kernels(setup)
@@ -139,22 +139,24 @@ def layer_activation_bytes(arch: Architecture, setup: Setup) -> int:
     shapes = linear_shapes(arch)
     per_token = 2 * norm_bytes(arch, setup, kernels)
     per_token += 2 * a * arch.q_dim + FP32 * arch.num_heads + (2 if kernels else 3) * a * i
-    if setup.method == "full" or setup.precision == "fp32":  # layers sharing an input keep one copy of it
+    if setup.method != "dora" or setup.precision == "fp32":  # layers sharing an input keep one copy of it
         trains = set(shapes) if setup.method == "full" else set(setup.adapted)
-        if not kernels:
+        if not (kernels and setup.precision == "fp32"):  # there the norm's kept output is that input
             per_token += a * h * bool(trains & {"q_proj", "k_proj", "v_proj"})
             per_token += a * h * bool(trains & {"gate_proj", "up_proj"})
         per_token += a * i * ("down_proj" in trains)
-        adapter = a
-    else:  # petune keeps adapters in fp32 and casts each adapted layer's input: a copy per layer, which
-        # autocast (bf16-mixed) turns back into bf16 for the matmul
-        adapter = 2 if setup.precision == "bf16-mixed" else FP32
-        per_token += sum(adapter * shapes[t][0] for t in setup.adapted)
+    else:  # DoRA casts each adapted layer's input to fp32: a copy per layer, which autocast (bf16-mixed) turns
+        # back into bf16 for the matmul
+        per_token += sum((2 if setup.precision == "bf16-mixed" else FP32) * shapes[t][0] for t in setup.adapted)
+    # A's output, B's input: fp32 but for autocast's bf16
+    adapter = a if setup.precision == "fp32" else 2 if setup.precision == "bf16-mixed" else FP32
     per_token += sum(adapter * setup.lora_r for _ in setup.adapted)
     if setup.method == "dora":
         per_token += sum(2 * adapter * shapes[t][1] for t in setup.adapted)
-    # autocast keeps a bf16 copy of each fp32 adapter weight it multiplies (A and B, r (in + out) each)
-    casts = sum(2 * setup.lora_r * sum(shapes[t]) for t in setup.adapted) if setup.precision == "bf16-mixed" else 0
+    # autocast keeps a bf16 copy of each fp32 adapter weight autograd sees it multiply: B (r out), and for DoRA A
+    casts = 0
+    if setup.precision == "bf16-mixed":
+        casts = sum(2 * setup.lora_r * (shapes[t][1] + shapes[t][0] * (setup.method == "dora")) for t in setup.adapted)
     return tokens * per_token + kv_tokens * 2 * a * arch.kv_dim + casts
 
 

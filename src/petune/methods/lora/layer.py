@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from petune.layers import AdapterLayer
+from petune.methods.lora.project_down import project_down
 from petune.quantization import dequantize_4bit, is_4bit
 
 
@@ -147,6 +148,9 @@ class LoraLayer(AdapterLayer):
         if name is None:
             return result
         adapter: LoraAdapter = self.adapters[name]  # type: ignore[assignment]
+        if adapter.lora_magnitude_vector is None and isinstance(adapter.lora_dropout, nn.Identity):
+            lora_out = adapter.lora_B(project_down(x, adapter.lora_A.weight))  # keeps x, not an fp32 copy
+            return result + (adapter.scaling * lora_out).to(result.dtype)
         x_lora = adapter.lora_dropout(x.to(adapter.lora_A.weight.dtype))
         lora_out = adapter.lora_B(adapter.lora_A(x_lora))
         if adapter.lora_magnitude_vector is None:
