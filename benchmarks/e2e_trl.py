@@ -144,7 +144,7 @@ def render(results: dict[str, dict[str, Any]], settings: Settings, command: str,
         f"{settings.lora_r}, alpha {settings.lora_alpha:g}, dropout {settings.lora_dropout:g}, "
         f"{'+'.join(settings.target_modules)}; {settings.steps} steps x batch {settings.batch_size} records of "
         f"{'the demo training set' if settings.data is None else settings.data} in the same order, max length "
-        f"{settings.max_length}, no packing, loss on completions only, {settings.precision}; AdamW lr "
+        f"{settings.max_length}, no packing, loss on completions only, {settings.precision}; torch's fused AdamW lr "
         f"{settings.lr:g}, {settings.warmup_steps} warmup steps then {settings.schedule}, clip "
         f"{settings.max_grad_norm:g}; {median}, each a fresh process. tokens/s = non-padding tokens (prompt + "
         "completion) / wall time of the training loop (first step to last; model load, tokenisation and adapter "
