@@ -8,7 +8,10 @@ LoRA, fp32, batch 4 x 256, three steps, petune's fused loss:
 - `trim_freed_memory()` after each optimizer step: 2918 MB -> 2580 MB peak RSS, but the step took
   5.70 s instead of 4.39 s (trimmed pages are faulted in again next step);
 - `return_freed_memory_to_os()` once at start-up (fix the mmap threshold, so every large block is
-  mapped and unmapped on its own): about 1975 MB, at 1.3-3x the step time on the 2 shared cores.
+  mapped and unmapped on its own). Measured on the idle 2 cores (`benchmarks/step.py`, petune, same case):
+  glibc's default 2718 / 2724 MB at 4.48 / 4.15 s a step; threshold 128 KB 1730 MB at 6.0 s; 1 MB
+  1945 MB at 4.9 s; 2 MB 1900 MB at 5.0 s; 4 MB 2693 MB at 4.2 s (the 2.4 MB hidden-state tensors are what
+  fragments the heap). The time goes to page faults: each step maps its memory in again.
 
 Neither is on by default in `petune train`: both trade time for memory. Call one yourself when host
 memory, not time, is the limit.
