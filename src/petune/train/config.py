@@ -97,6 +97,9 @@ class TrainConfig:
     max_length: int = option(512, "tokens per example; longer examples are cut at the end (and counted)")
     train_on_prompt: bool = option(False, "also train on prompt tokens (default: loss on completions only)")
     packing: bool = option(False, "pack several examples into each max-length row")
+    gradient_checkpointing: bool = option(
+        False, "recompute each layer's activations in backward: less memory, slower steps (BENCHMARKS.md)"
+    )
     precision: str = option("auto", f"{' | '.join(PRECISIONS)}; auto: bf16 on a GPU that supports it, else fp32")
     eval_every: int = option(10, "held-out loss every N steps (0: only at the end)")
     save_every: int = option(10, "checkpoint every N steps (0: none)")

@@ -104,9 +104,25 @@ def learning_rate(cfg: TrainConfig) -> float:
 def trainable_model(cfg: TrainConfig, base: PreTrainedModel, model_path: str) -> PeftModel | PreTrainedModel:
     """The model the optimizer trains: `base` with the method's adapter, or `base` itself, all of it trainable."""
     config = peft_config(cfg, model_path)
+    if cfg.gradient_checkpointing:
+        enable_checkpointing(base)
     if config is None:
         return base.requires_grad_(True)
     return get_peft_model(base, config)
+
+
+def enable_checkpointing(model: PreTrainedModel) -> None:
+    """Recompute each decoder layer in backward, non-reentrant: it needs no input that requires grad, and
+    prompt methods keep their shared virtual pass under it (reentrant checkpointing would force per-row)."""
+    if not model.supports_gradient_checkpointing:
+        name = type(model).__name__
+        raise UserError(f"{name} does not support gradient checkpointing; drop --gradient-checkpointing")
+    kwargs = {"use_reentrant": False}
+    enable = getattr(model, "activation_checkpointing_enable", None)  # transformers 5's name
+    if enable is not None:
+        enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def parameter_counts(model: nn.Module) -> tuple[int, int]:
