@@ -8,8 +8,8 @@ import pytest
 
 from petune import LoraConfig
 from petune.train import UserError
-from petune.train.config import TrainConfig, build_config, option_table, read_yaml
-from petune.train.methods import learning_rate, peft_config
+from petune.train.config import METHOD_NAMES, TrainConfig, build_config, option_table, read_yaml
+from petune.train.methods import METHODS, learning_rate, peft_config
 
 
 def test_defaults_are_the_demo_run() -> None:
@@ -73,3 +73,7 @@ def test_saved_config_round_trips(tmp_path: Path) -> None:
 def test_every_option_has_help() -> None:
     for name, _, _, text in option_table():
         assert text, name
+
+
+def test_every_method_name_has_a_method_and_back() -> None:
+    assert list(METHODS) == list(METHOD_NAMES)  # the --method choices and the table that builds them

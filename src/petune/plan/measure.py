@@ -98,6 +98,7 @@ def measure(model: str, setup: Any, steps: int = 3) -> dict[str, Any]:
     from petune.plan.gpus import this_cpu
     from petune.plan.memory import plan
     from petune.plan.overhead import cpu_overhead
+    from petune.train.methods import enable_checkpointing
 
     return_freed_memory_to_os()  # as `petune train` does
     before = resident_mb()
@@ -112,7 +113,7 @@ def measure(model: str, setup: Any, steps: int = 3) -> dict[str, Any]:
         network = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model), dtype=torch.float32)
     loaded = resident_mb()
     if setup.gradient_checkpointing:
-        network.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(network)  # as petune train does
     config = adapter_config(setup)
     trained = network if config is None else petune.get_peft_model(network, config)
     trained.train()
