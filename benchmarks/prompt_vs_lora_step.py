@@ -53,7 +53,7 @@ def base_model(name: str) -> PreTrainedModel:
 
 def configs(virtual: int) -> dict[str, Callable[[], Any]]:
     return {
-        "lora (r=8, q/v)": lambda: LoraConfig(task_type="CAUSAL_LM", r=8),
+        "lora (r=8 q/v)": lambda: LoraConfig(task_type="CAUSAL_LM", r=8),
         "lora control": lambda: LoraConfig(task_type="CAUSAL_LM", r=8),
         "prompt tuning": lambda: PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=virtual),
         "p-tuning (MLP)": lambda: PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=virtual),
@@ -102,7 +102,7 @@ def main() -> None:
         unknown = [name for name in names if name not in chosen]
         if unknown:
             parser.error(f"unknown method(s) {unknown}; choose from {list(chosen)}")
-        chosen = {name: make for name, make in chosen.items() if name in names or name == "lora (r=8, q/v)"}
+        chosen = {name: make for name, make in chosen.items() if name in names or name == "lora (r=8 q/v)"}
     runs = {}
     for name, make in chosen.items():
         peft_model = petune.get_peft_model(copy.deepcopy(model), make()).train()

@@ -270,6 +270,8 @@ class PeftModel(nn.Module):
                 keep = layer.adapters[active]
             replace_module(self.base_model, layer_name, keep)
         kernels.disable(self.base_model)
+        if self._method is not None:
+            self._method.unload()
         self._merged = []
         return self.base_model
 

@@ -73,6 +73,9 @@ class Method:
     def unmerge(self) -> None:
         raise NotImplementedError(f"{type(self).__name__} adapters cannot be merged into the weights")
 
+    def unload(self) -> None:
+        """Undo what the method changed in the base model beyond its adapter layers (`PeftModel.unload`)."""
+
     @property
     def supports_mixed_batch(self) -> bool:
         """Whether rows of one batch may use different adapters (`adapter_names=[...]`)."""

@@ -45,9 +45,10 @@ from torch import nn
 
 from petune.config import PeftConfig, TaskType
 from petune.methods.base import Method
-from petune.methods.prompt_learning.cache import find_cache, input_shape
+from petune.methods.prompt_learning.cache import find_cache, input_shape, reentrant_checkpointing
 from petune.methods.prompt_learning.config import PromptLearningConfig, model_sizes
 from petune.methods.prompt_learning.encoder import VirtualTokenEncoder
+from petune.methods.prompt_learning.packed_pass import can_pack, forward_packed, restore_attention
 from petune.methods.prompt_learning.shared_pass import can_share_virtual_pass, forward_sharing_virtual_pass
 
 ENCODER_PREFIX = "prompt_encoder."  # file keys of the encoder weights petune saves to resume training
@@ -108,12 +109,22 @@ class PromptLearning(Method):
     def forward(
         self, name: str, config: PeftConfig, module: nn.Module | None, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> Any:
-        """The model's forward; a decoder runs prompt tuning's and P-tuning's virtual tokens once per batch."""
+        """The model's forward; a decoder runs prompt tuning's and P-tuning's virtual tokens once per batch.
+
+        Training steps run them packed with the rows into one sequence (`packed_pass.py`), other calls as a
+        batch of one in front of the rows (`shared_pass.py`), or, where neither applies, in front of every row.
+        """
         kwargs = self._keywords(args, kwargs)
         if self.virtual_tokens_in_input and can_share_virtual_pass(self.model, config, kwargs):
             assert isinstance(config, PromptLearningConfig) and isinstance(module, VirtualTokenEncoder)
-            return forward_sharing_virtual_pass(self, config, module, kwargs)
+            if can_pack(self.model, kwargs):
+                return forward_packed(self, config, module, kwargs)
+            if not reentrant_checkpointing(self.model):
+                return forward_sharing_virtual_pass(self, config, module, kwargs)
         return super().forward(name, config, module, (), kwargs)
+
+    def unload(self) -> None:
+        restore_attention(self.model)
 
     def prepare_inputs(
         self,

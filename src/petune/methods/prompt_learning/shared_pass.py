@@ -13,8 +13,8 @@ the rows, where a per-row pass would draw one per row.
 
 Calls that need more than this takes the per-row path: an encoder-decoder or a classifier (bidirectional
 models see later tokens from the virtual ones), a cache given by the caller, `output_attentions`, tensor
-`logits_to_keep`, `return_dict=False`, reentrant gradient checkpointing (whose per-layer backward passes
-cannot all run back through the one shared pass).
+`logits_to_keep`, `return_dict=False`. Reentrant gradient checkpointing (whose per-layer backward passes
+cannot all run back through the one shared pass) takes the packed pass or else the per-row path.
 """
 
 from __future__ import annotations
@@ -33,7 +33,6 @@ from petune.methods.prompt_learning.cache import (
     checkpointing_off,
     find_cache,
     input_shape,
-    reentrant_checkpointing,
 )
 from petune.methods.prompt_learning.config import PromptLearningConfig
 from petune.methods.prompt_learning.encoder import VirtualTokenEncoder
@@ -55,7 +54,6 @@ def can_share_virtual_pass(model: nn.Module, config: Any, kwargs: dict[str, Any]
         and kwargs.get("return_dict") is not False
         and isinstance(keep, int)
         and (keep == 0 or kwargs.get("labels") is None)
-        and not reentrant_checkpointing(model)
     )
 
 
