@@ -88,3 +88,17 @@ def test_a_trained_head_takes_the_recomputing_path_with_the_same_result():
     assert any("lm_head" in n for n, _ in trained)
     for name, param in trained:
         torch.testing.assert_close(param.grad, grads[name].grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("build", [_llama, _gpt2])
+def test_the_models_own_head_runs_on_one_contiguous_position(build):
+    """A strided (batch, 1, hidden) view costs a bf16 head on CPU a copy of its weight per row; none is passed."""
+    model = get_peft_model(build(), LoraConfig(r=4))
+    seen = []
+    head = model.get_output_embeddings()
+    handle = head.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
+    try:
+        causal_lm_loss(model, _batch()).backward()
+    finally:
+        handle.remove()
+    assert [(tuple(x.shape), x.is_contiguous()) for x in seen] == [((3, 1, 32), True)]

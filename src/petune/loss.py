@@ -44,8 +44,19 @@ def causal_lm_loss(
     head: nn.Module = inner.get_output_embeddings()  # type: ignore[operator]
     captured: list[torch.Tensor] = []
 
-    def keep_hidden(_module: nn.Module, _args: Any, output: Any) -> None:
-        captured.append(output[0] if isinstance(output, tuple) else output.last_hidden_state)
+    def keep_hidden(_module: nn.Module, _args: Any, output: Any) -> Any:
+        """Keep the decoder's hidden states; hand the model's own head a contiguous copy of the last position.
+
+        The head would read `hidden[:, -1:]`, a strided view, which a bf16 linear layer on CPU turns into a
+        batched matmul over a (batch, hidden, vocab) copy of its weight: ~200 ms for SmolLM2 at batch 4, where
+        the contiguous copy takes ~4 ms (fp32: 20 vs 17 ms).
+        """
+        if isinstance(output, tuple):
+            captured.append(output[0])
+            return (output[0][:, -1:].contiguous(), *output[1:])
+        captured.append(output.last_hidden_state)
+        output.last_hidden_state = output.last_hidden_state[:, -1:].contiguous()
+        return output
 
     hook = decoder.register_forward_hook(keep_hidden)
     try:

@@ -12,6 +12,8 @@ from prompt_helpers import ARCHS, VIRTUAL, tiny_model, wrap
 import petune
 from petune import PrefixTuningConfig
 from petune.methods.prefix_tuning import PrefixCache
+from petune.methods.prefix_tuning import model as prefix_model
+from petune.methods.prompt_learning import packed_pass
 
 # transformers 5 renamed gradient_checkpointing_enable; the old name is what HF PEFT users call
 pytestmark = pytest.mark.filterwarnings("ignore:`gradient_checkpointing_enable` is deprecated:FutureWarning")
@@ -101,3 +103,36 @@ def test_zero_init_starts_from_a_zero_prefix() -> None:
         config = PrefixTuningConfig(num_virtual_tokens=3, prefix_projection=projection, init_weights="zero")
         model = petune.get_peft_model(tiny_model("llama"), config)
         assert torch.equal(model.adapter_modules["default"]().detach(), torch.zeros(3, 2 * 2 * 16))
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_unpadded_rows_attend_causally_behind_the_prefix(
+    arch: str, checkpointing: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rows without padding skip transformers' explicit mask (`attend_behind_prefix`): same loss and gradients."""
+    model = wrap(petune, arch, "prefix_projection").train()
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    if checkpointing:
+        model.get_base_model().activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    input_ids = torch.randint(3, 100, (3, 6), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": input_ids}
+    calls: list[int] = []
+    real = packed_pass.attend_behind_prefix
+    monkeypatch.setattr(packed_pass, "attend_behind_prefix", lambda *args: calls.append(1) or real(*args))
+    results = []
+    for causal in (True, False):
+        with monkeypatch.context() as patch:
+            if not causal:
+                patch.setattr(prefix_model, "takes_packed_attention", lambda model: False)
+            model.zero_grad()
+            loss = model(**batch).loss
+            loss.backward()
+        results.append((loss, [p.grad.clone() for p in model.parameters() if p.requires_grad]))
+    assert len(calls) == 2 * (2 if checkpointing else 1)  # 2 layers, again in backward with checkpointing
+    (loss, grads), (expected, expected_grads) = results
+    torch.testing.assert_close(loss, expected, atol=1e-6, rtol=1e-6)
+    for got, want in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)

@@ -28,7 +28,14 @@ from torch import nn
 from petune.config import PeftConfig
 from petune.methods.prefix_tuning.config import PrefixTuningConfig
 from petune.methods.prompt_learning import PromptLearning, PromptLearningConfig, VirtualTokenEncoder
-from petune.methods.prompt_learning.cache import KeyValue, PrefixCache, attach, cache_through_checkpointing
+from petune.methods.prompt_learning.cache import (
+    KeyValue,
+    PrefixCache,
+    attach,
+    cache_through_checkpointing,
+    find_cache,
+)
+from petune.methods.prompt_learning.packed_pass import takes_packed_attention, use_packed_attention
 
 
 class PrefixEncoder(VirtualTokenEncoder):
@@ -106,7 +113,12 @@ class PrefixTuning(PromptLearning):
     def forward(
         self, name: str, config: PeftConfig, module: nn.Module | None, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> Any:
-        assert isinstance(module, VirtualTokenEncoder)
+        assert isinstance(module, VirtualTokenEncoder) and isinstance(config, PromptLearningConfig)
+        starts = self.past_length(find_cache(self._keywords(args, kwargs))[1]) == 0
         args, kwargs = self.prepare_inputs(name, config, module, args, kwargs)
+        mask = kwargs.get("attention_mask")
+        if starts and takes_packed_attention(self.model) and (mask is None or bool(mask.all())):
+            use_packed_attention(self.model)  # rows without padding: causal attention behind the prefix
+            kwargs["petune_prefix"] = config.num_virtual_tokens
         with cache_through_checkpointing(self.model, projected=module.reparameterized):
             return self.model(*args, **kwargs)

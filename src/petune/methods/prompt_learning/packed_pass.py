@@ -103,15 +103,37 @@ def packed_attention(
     dropout: float = 0.0,
     scaling: float | None = None,
     petune_packing: Packing | None = None,
+    petune_prefix: int | None = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
-    """transformers' SDPA attention, or the packed layout's when the call carries a `Packing`."""
-    if petune_packing is None:
+    """transformers' SDPA attention, or the packed layout's when the call carries a `Packing`, or causal
+    attention behind a prefix of `petune_prefix` keys (prefix tuning, rows without padding)."""
+    if petune_packing is None and petune_prefix is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
     unsupported = [name for name in _UNSUPPORTED if kwargs.get(name) is not None]
     if unsupported:
         raise ValueError(f"petune's packed prompt-method attention does not support {unsupported}")
-    return petune_packing.attend(query, key, value, dropout, scaling), None
+    if petune_packing is not None:
+        return petune_packing.attend(query, key, value, dropout, scaling), None
+    assert petune_prefix is not None
+    return attend_behind_prefix(query, key, value, petune_prefix, dropout, scaling), None
+
+
+def attend_behind_prefix(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, virtual: int, dropout: float, scale: float | None
+) -> torch.Tensor:
+    """(B, heads, T, d) queries over (B, kv_heads, V + T, d) keys: every prefix key and the causal rest.
+
+    transformers hands SDPA an explicit (T, V + T) mask here, which on CPU computes every score; V zero queries
+    in front make it plain `is_causal` attention over (V + T)^2 / 2 scores instead (their outputs are dropped).
+    """
+    if key.shape[2] != virtual + query.shape[2]:
+        raise ValueError(f"expected {virtual} prefix keys before the {query.shape[2]} queries' own, got {key.shape[2]}")
+    padded = torch.cat([query.new_zeros(*query.shape[:2], virtual, query.shape[3]), query], dim=2)
+    out = F.scaled_dot_product_attention(
+        padded, key, value, dropout_p=dropout, is_causal=True, scale=scale, enable_gqa=query.shape[1] != key.shape[1]
+    )
+    return out.split([virtual, query.shape[2]], dim=2)[1].transpose(1, 2)  # (B, T, heads, d)
 
 
 AttentionInterface.register(PACKED_ATTENTION, packed_attention)
@@ -120,16 +142,23 @@ AttentionMaskInterface.register(PACKED_ATTENTION, sdpa_mask)
 
 def can_pack(model: nn.Module, kwargs: dict[str, Any]) -> bool:
     """Whether this call (already one the shared pass could take) may run packed."""
-    config = getattr(model, "config", None)
     use_cache = kwargs.get("use_cache")
+    return (
+        takes_packed_attention(model)
+        and (use_cache is False or (use_cache is None and model.training))
+        and kwargs.get("token_type_ids") is None
+    )
+
+
+def takes_packed_attention(model: nn.Module) -> bool:
+    """Whether `model`'s attention may be switched to `packed_attention`: transformers' SDPA, no sliding window."""
+    config = getattr(model, "config", None)
     return (
         config is not None
         and getattr(model, "_supports_attention_backend", False)
         and config._attn_implementation in ("sdpa", PACKED_ATTENTION)
         and config.get_text_config() is config
         and not _sliding_window(config)
-        and (use_cache is False or (use_cache is None and model.training))
-        and kwargs.get("token_type_ids") is None
     )
 
 
@@ -170,7 +199,7 @@ def forward_packed(
     if labels is not None:
         kwargs["labels"] = torch.cat([labels.new_full((rows, virtual), IGNORE_INDEX), labels], dim=1)
 
-    model.config._attn_implementation = PACKED_ATTENTION  # type: ignore[union-attr]  # SDPA unless packed
+    use_packed_attention(model)
     decoder: nn.Module = model.get_decoder()  # type: ignore[operator]
     hook = decoder.register_forward_hook(functools.partial(_unpack_output, packing), prepend=True)
     try:
@@ -190,6 +219,11 @@ def _unpack_output(packing: Packing, _module: nn.Module, _args: Any, output: Any
     if output.get("hidden_states") is not None:
         output.hidden_states = tuple(packing.unpack(hidden) for hidden in output.hidden_states)
     return output
+
+
+def use_packed_attention(model: nn.Module) -> None:
+    """Switch `model` to `packed_attention` for good: it is SDPA for every call that carries no layout."""
+    model.config._attn_implementation = PACKED_ATTENTION  # type: ignore[union-attr]
 
 
 def restore_attention(model: nn.Module) -> None:
