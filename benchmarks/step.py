@@ -76,7 +76,7 @@ def main() -> None:
     else:
         import petune as lib  # type: ignore[no-redef]
     if args.checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model = lib.get_peft_model(model, make_config(lib, args.method))
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)

@@ -25,7 +25,7 @@ def gradients(method: str, checkpointing: dict[str, bool] | None, arch: str) -> 
     """The adapter's gradients after one backward pass, and how many elements autograd kept for it."""
     model = build_tiny_model(arch)
     if checkpointing is not None:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=checkpointing)
     torch.manual_seed(0)
     wrapped = petune.get_peft_model(model, CONFIGS[method]())
     wrapped.train()

@@ -118,7 +118,7 @@ def test_checkpointed_layers_run_stock_with_the_same_gradients(
     reference.train()
     _, _, expected = forward_backward(reference)
     model = wrapped("llama", "all-linear")
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": reentrant})
     model.train()
     calls = count_backwards(monkeypatch)
     _, _, grads = forward_backward(model)

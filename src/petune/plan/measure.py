@@ -100,7 +100,7 @@ def measure(model: str, setup: Any, steps: int = 3) -> dict[str, Any]:
     from petune.plan.overhead import cpu_overhead
     from petune.train.methods import enable_checkpointing
 
-    return_freed_memory_to_os()  # as `petune train` does
+    return_freed_memory_to_os()  # no glibc heap growth: the peak is what the step holds, which plan predicts
     before = resident_mb()
     torch.manual_seed(0)
     if model == "tiny":

@@ -111,7 +111,7 @@ def cache_through_checkpointing(model: nn.Module, projected: bool) -> Iterator[N
     if projected and any(_reentrant(layer) for layer in layers):
         raise ValueError(
             "prefix tuning with prefix_projection=True needs non-reentrant gradient checkpointing, transformers' "
-            "default: gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})"
+            "default: activation_checkpointing_enable(activation_checkpointing_kwargs={'use_reentrant': False})"
         )
     switches = [
         m
