@@ -327,3 +327,9 @@ def test_bad_setup_is_a_user_error() -> None:
         Setup(lora_targets=("qkv",))
     with pytest.raises(UserError, match="--batch-size"):
         Setup(batch_size=0)
+
+
+def test_the_plan_assumes_the_loss_chunk_petune_computes() -> None:
+    from petune.loss import CHUNK_SIZE
+
+    assert Setup().loss_chunk == CHUNK_SIZE
