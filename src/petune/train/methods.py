@@ -113,7 +113,7 @@ def trainable_model(cfg: TrainConfig, base: PreTrainedModel, model_path: str) ->
 
 def enable_checkpointing(model: PreTrainedModel) -> None:
     """Recompute each decoder layer in backward, non-reentrant: it needs no input that requires grad, and
-    prompt methods keep their shared virtual pass under it (reentrant checkpointing would force per-row)."""
+    prefix tuning's projection and prompt methods' batch-of-one virtual pass (outside training) work under it."""
     if not model.supports_gradient_checkpointing:
         name = type(model).__name__
         raise UserError(f"{name} does not support gradient checkpointing; drop --gradient-checkpointing")

@@ -114,8 +114,9 @@ class PrefixTuning(PromptLearning):
         self, name: str, config: PeftConfig, module: nn.Module | None, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> Any:
         assert isinstance(module, VirtualTokenEncoder) and isinstance(config, PromptLearningConfig)
-        starts = self.past_length(find_cache(self._keywords(args, kwargs))[1]) == 0
-        args, kwargs = self.prepare_inputs(name, config, module, args, kwargs)
+        kwargs = self._keywords(args, kwargs)
+        starts = self.past_length(find_cache(kwargs)[1]) == 0
+        args, kwargs = self.prepare_inputs(name, config, module, (), kwargs)
         mask = kwargs.get("attention_mask")
         if starts and takes_packed_attention(self.model) and (mask is None or bool(mask.all())):
             use_packed_attention(self.model)  # rows without padding: causal attention behind the prefix

@@ -1,6 +1,7 @@
 """Keys and values in front of the caller's tokens, as a transformers `Cache`, and the switches that let such a
 cache through gradient checkpointing. Prefix tuning's prefix is trained; prompt tuning's and P-tuning's comes
-from running their virtual tokens through the model once per batch (`shared_pass.py`)."""
+from running their virtual tokens through the model once per batch (`shared_pass.py`). Also the helpers that
+read a call's arguments: its cache, its shape, its labels behind the virtual tokens."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ import torch
 from torch import nn
 from transformers.cache_utils import DynamicCache
 from transformers.modeling_layers import GradientCheckpointingLayer
+
+from petune.loss import IGNORE_INDEX
 
 KeyValue = tuple[torch.Tensor, torch.Tensor]  # keys, values: (batch, kv_heads, V, head_dim) each
 CACHE_KEYS = ("cache", "past_key_values")  # transformers 5 renamed past_key_values to cache
@@ -40,6 +43,11 @@ def input_shape(kwargs: dict[str, Any]) -> tuple[int, int]:
     if tokens is None:
         raise ValueError("prompt methods need input_ids or inputs_embeds")
     return int(tokens.shape[0]), int(tokens.shape[1])
+
+
+def labels_behind_virtual(labels: torch.Tensor, virtual: int) -> torch.Tensor:
+    """(batch, T) token labels -> (batch, V + T), the V virtual positions ignored by the loss."""
+    return torch.cat([labels.new_full((labels.shape[0], virtual), IGNORE_INDEX), labels], dim=1)
 
 
 def attach(model: nn.Module, kwargs: dict[str, Any], prefix: Sequence[KeyValue], keyword: str) -> dict[str, Any]:

@@ -45,7 +45,12 @@ from torch import nn
 
 from petune.config import PeftConfig, TaskType
 from petune.methods.base import Method
-from petune.methods.prompt_learning.cache import find_cache, input_shape, reentrant_checkpointing
+from petune.methods.prompt_learning.cache import (
+    find_cache,
+    input_shape,
+    labels_behind_virtual,
+    reentrant_checkpointing,
+)
 from petune.methods.prompt_learning.config import PromptLearningConfig, model_sizes
 from petune.methods.prompt_learning.encoder import VirtualTokenEncoder
 from petune.methods.prompt_learning.packed_pass import can_pack, forward_packed, restore_attention
@@ -185,21 +190,27 @@ class PromptLearning(Method):
     ) -> dict[str, Any]:
         """Put the virtual tokens in front of the input embeddings (the first call of a sequence)."""
         virtual = encoder.embedding.num_embeddings
-        embeds = kwargs.pop("inputs_embeds", None)
-        input_ids = kwargs.pop("input_ids", None)
-        if embeds is None:
-            embeds = self.model.get_input_embeddings()(input_ids)  # type: ignore[operator]
-        prompts = encoder().to(device=embeds.device, dtype=embeds.dtype).expand(batch, -1, -1)
-        kwargs["inputs_embeds"] = torch.cat([prompts, embeds], dim=1)
+        embeds, prompts = self.take_embeddings(encoder, kwargs)
+        kwargs["inputs_embeds"] = torch.cat([prompts.expand(batch, -1, -1), embeds], dim=1)
         labels = kwargs.get("labels")
         if labels is not None and config.task_type != TaskType.SEQ_CLS:
-            kwargs["labels"] = torch.cat([labels.new_full((labels.shape[0], virtual), -100), labels], dim=1)
+            kwargs["labels"] = labels_behind_virtual(labels, virtual)
         token_types = kwargs.get("token_type_ids")
         if token_types is not None:
             kwargs["token_type_ids"] = torch.cat([token_types.new_zeros(token_types.shape[0], virtual), token_types], 1)
         if config.task_type == TaskType.SEQ_CLS and kwargs.get("attention_mask") is not None:
             _move_padding_left(kwargs)
         return kwargs
+
+    def take_embeddings(
+        self, encoder: VirtualTokenEncoder, kwargs: dict[str, Any]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pop the call's `inputs_embeds` or `input_ids`: (its embeddings (B, T, H), the virtual tokens (V, H))."""
+        embeds = kwargs.pop("inputs_embeds", None)
+        input_ids = kwargs.pop("input_ids", None)
+        if embeds is None:
+            embeds = self.model.get_input_embeddings()(input_ids)  # type: ignore[operator]
+        return embeds, encoder().to(device=embeds.device, dtype=embeds.dtype)
 
     def past_length(self, cache: Any) -> int:
         """Tokens (virtual ones included) already in `cache`; 0 starts a new sequence."""

@@ -37,7 +37,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from petune.methods.prompt_learning.cache import input_shape
+from petune.methods.prompt_learning.cache import input_shape, labels_behind_virtual
 from petune.methods.prompt_learning.config import PromptLearningConfig
 from petune.methods.prompt_learning.encoder import VirtualTokenEncoder
 
@@ -45,7 +45,6 @@ if TYPE_CHECKING:
     from petune.methods.prompt_learning.method import PromptLearning
 
 PACKED_ATTENTION = "petune_packed_sdpa"
-IGNORE_INDEX = -100
 _UNSUPPORTED = ("sliding_window", "softcap", "s_aux", "position_bias")  # attention variants packing does not do
 
 
@@ -180,14 +179,10 @@ def forward_packed(
     kwargs = method.make_room(config, kwargs, feeds_virtual=True)  # checks the length; (B, V + T) mask, positions
     mask = kwargs.pop("attention_mask", None)
     positions = kwargs.pop("position_ids", None)
-    embeds = kwargs.pop("inputs_embeds", None)
-    input_ids = kwargs.pop("input_ids", None)
-    if embeds is None:
-        embeds = model.get_input_embeddings()(input_ids)  # type: ignore[operator]
+    embeds, prompts = method.take_embeddings(encoder, kwargs)  # (B, T, H), (V, H)
     device = embeds.device
     if positions is None:
         positions = torch.arange(virtual + length, device=device).unsqueeze(0)
-    prompts = encoder().to(device=device, dtype=embeds.dtype)  # (V, H)
     row_positions = positions[:, virtual:].expand(rows, -1).reshape(-1)
     packed_positions = torch.cat([torch.arange(virtual, device=device), row_positions]).unsqueeze(0)
     allowed = None
@@ -197,7 +192,7 @@ def forward_packed(
     packing = Packing(virtual, rows, length, allowed)
     labels = kwargs.get("labels")
     if labels is not None:
-        kwargs["labels"] = torch.cat([labels.new_full((rows, virtual), IGNORE_INDEX), labels], dim=1)
+        kwargs["labels"] = labels_behind_virtual(labels, virtual)
 
     use_packed_attention(model)
     decoder: nn.Module = model.get_decoder()  # type: ignore[operator]

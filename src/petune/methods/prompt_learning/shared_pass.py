@@ -33,14 +33,13 @@ from petune.methods.prompt_learning.cache import (
     checkpointing_off,
     find_cache,
     input_shape,
+    labels_behind_virtual,
 )
 from petune.methods.prompt_learning.config import PromptLearningConfig
 from petune.methods.prompt_learning.encoder import VirtualTokenEncoder
 
 if TYPE_CHECKING:
     from petune.methods.prompt_learning.method import PromptLearning
-
-IGNORE_INDEX = -100
 
 
 def can_share_virtual_pass(model: nn.Module, config: Any, kwargs: dict[str, Any]) -> bool:
@@ -90,7 +89,7 @@ def forward_sharing_virtual_pass(
         hidden_states = tuple(torch.cat([a.expand(batch, -1, -1), b], dim=1) for a, b in pairs)
     loss = None
     if labels is not None:
-        labels = torch.cat([labels.new_full((batch, virtual), IGNORE_INDEX), labels], dim=1)
+        labels = labels_behind_virtual(labels, virtual)
         loss = model.loss_function(  # type: ignore[operator]
             logits=logits,
             labels=labels,
