@@ -78,9 +78,10 @@ def petune_order(settings: Settings) -> list[int]:
 def memory_results(loop_start_rss_mb: float) -> dict[str, Any]:
     import torch
 
+    from petune.memory import running_allocator
     from petune.plan.measure import peak_mb
 
-    result = {"peak_rss_mb": peak_mb(), "loop_start_rss_mb": loop_start_rss_mb}
+    result = {"peak_rss_mb": peak_mb(), "loop_start_rss_mb": loop_start_rss_mb, "allocator": running_allocator()}
     if torch.cuda.is_available():
         result["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
     return result

@@ -39,6 +39,8 @@ from typing import Any
 
 from e2e_sides import RESULT_PREFIX, SIDES, Settings, data_path, petune_order
 
+from petune.memory import allocator_environment
+
 HERE = Path(__file__).resolve().parent
 SECTION = "## End-to-end: `petune train` vs TRL `SFTTrainer` + peft"
 TARGET_RATIO = 1.25  # issue 5: end-to-end tokens/s >= 1.25 x TRL + peft
@@ -66,7 +68,11 @@ def measure(side: str, settings: Settings, records_file: str, model_dir: str) ->
     """Run one side in a fresh process; its result, or {"error": last line of its stderr}."""
     command = [sys.executable, str(HERE / "e2e_sides.py"), side, "--settings", json.dumps(dataclasses.asdict(settings))]
     command += ["--records", records_file, "--model-dir", model_dir]
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    system = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+    system["TOKENIZERS_PARALLELISM"] = "false"
+    # petune's side runs on the allocator the `petune` command runs on (mimalloc where installed), TRL's on the
+    # system's, as each is started from a shell
+    env = (allocator_environment(system) if side == "petune" else None) or system
     done = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
     lines = [line for line in done.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
     if done.returncode != 0 or not lines:
@@ -162,6 +168,7 @@ def render(results: dict[str, dict[str, Any]], settings: Settings, command: str,
         f"| loss, first → last step | {losses(ours)} | {losses(theirs)} | |",
         row("peak RSS MB", ours, theirs, "peak_rss_mb", ".0f", True),
         row("RSS when the loop starts MB", ours, theirs, "loop_start_rss_mb", ".0f", True),
+        f"| host allocator | {ours.get('allocator', '?')} | {theirs.get('allocator', '?')} | |",
     ]
     if "peak_gpu_mb" in ours or "peak_gpu_mb" in theirs:
         lines.append(row("peak GPU memory MB", ours, theirs, "peak_gpu_mb", ".0f", True))
@@ -180,6 +187,8 @@ NOTES = [
     "  lr / (warmup + 1); the cosine decay to 0 after warmup is the same. Throughput does not depend on it.",
     "- TRL's loop also computes each token's entropy and top-1 match for its logs (its default, from the same",
     "  chunked LM head that gives the loss; neither side builds the full logits).",
+    "- The host allocator: petune's process runs on mimalloc, as the `petune` command does (`petune.memory`);",
+    "  TRL's on the system's (glibc), as `python train.py` does.",
     "- TRL's process imports datasets, pandas and pyarrow, which petune does not need: compare the RSS when the",
     "  loop starts to see what the loop itself adds on each side.",
 ]

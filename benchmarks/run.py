@@ -1,12 +1,16 @@
 """Side-by-side training-step benchmark, petune vs HF PEFT, written to BENCHMARKS.md.
 
 Each measurement runs `benchmarks/step.py` in a fresh process; petune and peft alternate so that
-drift of the machine (other load, thermal state) hits both alike. After the table comes the end-to-end
-comparison of `petune train` with TRL's SFTTrainer + peft (`benchmarks/e2e_trl.py`), as its own section.
+drift of the machine (other load, thermal state) hits both alike. petune's processes run on the allocator
+the `petune` command runs on (mimalloc where installed, `petune.memory`), peft's on the system allocator,
+as a peft script runs; `--peft-allocator mimalloc` gives peft the same allocator as petune. After the
+table comes the end-to-end comparison of `petune train` with TRL's SFTTrainer + peft
+(`benchmarks/e2e_trl.py`), as its own section.
 
     python benchmarks/run.py                      # the full table (about 20 minutes on 2 cores), then end-to-end
     python benchmarks/run.py --cases lora:fp32 lora:fp32:ckpt --out /tmp/b.md --no-e2e
     python benchmarks/run.py --e2e-only           # rewrite only the end-to-end section of BENCHMARKS.md
+    python benchmarks/run.py --no-e2e --peft-allocator mimalloc --out /tmp/same-allocator.md
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ from typing import Any
 
 import e2e_trl  # benchmarks/, on the path when this file runs as a script
 
+from petune.memory import allocator_environment
+
 HERE = Path(__file__).resolve().parent
 # The issue's table (method:dtype), plus checkpointing (":ckpt") for two of them.
 DEFAULT_CASES = [
@@ -31,10 +37,18 @@ DEFAULT_CASES = [
 ]  # fmt: skip
 
 
-def measure(impl: str, method: str, dtype: str, checkpointing: bool, steps: int) -> dict[str, Any]:
+def environment(allocator: str) -> dict[str, str]:
+    """This process's environment for a child on `allocator` ("mimalloc" falls back to the system's)."""
+    system = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+    if allocator == "system":
+        return {**system, "PETUNE_ALLOCATOR": "system"}
+    return allocator_environment({**system, "PETUNE_ALLOCATOR": "mimalloc"}) or system
+
+
+def measure(impl: str, method: str, dtype: str, checkpointing: bool, steps: int, allocator: str) -> dict[str, Any]:
     command = [sys.executable, str(HERE / "step.py"), "--impl", impl, "--method", method, "--dtype", dtype]
     command += ["--steps", str(steps)] + (["--checkpointing"] if checkpointing else [])
-    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    done = subprocess.run(command, capture_output=True, text=True, check=False, env=environment(allocator))
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if done.returncode != 0 or not lines:
         tail = done.stderr.strip().splitlines()[-1:] or ["no output"]
@@ -49,6 +63,12 @@ def ratio(ours: dict[str, Any], theirs: dict[str, Any], key: str) -> str:
     return f"{ours[key] / theirs[key]:.2f}"
 
 
+def allocators(rows: list[Any], side: int) -> str:
+    """The allocator(s) one side's processes ran on, as step.py reported them."""
+    names = sorted({row[side]["allocator"] for row in rows if "allocator" in row[side]})
+    return " and ".join(names) or "unknown"
+
+
 def cell(result: dict[str, Any], key: str, fmt: str) -> str:
     return format(result[key], fmt) if key in result else f"failed: {result.get('error', '?')[:60]}"
 
@@ -58,6 +78,12 @@ def main() -> None:
     parser.add_argument("--cases", nargs="+", default=DEFAULT_CASES, help="method:dtype[:ckpt] ...")
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--out", type=Path, default=HERE.parent / "BENCHMARKS.md")
+    parser.add_argument(
+        "--peft-allocator",
+        choices=["system", "mimalloc"],
+        default="system",
+        help="peft's processes' allocator (petune's: mimalloc, as the `petune` command runs)",
+    )
     parser.add_argument("--note", default="", help="said after the end-to-end section's command (e.g. the load)")
     end_to_end = parser.add_mutually_exclusive_group()
     end_to_end.add_argument("--no-e2e", action="store_true", help="the step table only")
@@ -78,8 +104,8 @@ def step_table(args: argparse.Namespace, command: str) -> None:
     for case in args.cases:
         method, dtype, *rest = case.split(":")
         checkpointing = rest == ["ckpt"]
-        theirs = measure("peft", method, dtype, checkpointing, args.steps)
-        ours = measure("petune", method, dtype, checkpointing, args.steps)
+        theirs = measure("peft", method, dtype, checkpointing, args.steps, args.peft_allocator)
+        ours = measure("petune", method, dtype, checkpointing, args.steps, "mimalloc")
         rows.append((method, dtype, checkpointing, ours, theirs))
         print(case, ours, theirs, flush=True)
 
@@ -90,7 +116,9 @@ def step_table(args: argparse.Namespace, command: str) -> None:
         f"Python {platform.python_version()}. SmolLM2-135M-Instruct (the embedded model), batch 4 x 256 random "
         "tokens, labels = inputs, AdamW; median of the measured steps after one warm-up step; peak RSS of a "
         "fresh process per measurement (model loading included). petune computes the loss with "
-        "`petune.loss.causal_lm_loss` (no full logits); peft with the model's own `labels=` loss.",
+        "`petune.loss.causal_lm_loss` (no full logits); peft with the model's own `labels=` loss. "
+        f"Host allocator: petune {allocators(rows, 3)} (what the `petune` command runs on), "
+        f"peft {allocators(rows, 4)}.",
         "",
         f"Command: `{command}`",
         "",

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from petune.memory import running_allocator
 from petune.plan.measure import peak_mb as peak_rss_mb
 
 METHODS = ["lora", "lora_all", "dora", "prompt", "ptuning", "prefix", "qlora"]
@@ -114,7 +115,8 @@ def main() -> None:
                 "checkpointing": args.checkpointing,
                 "step_s": statistics.median(times[1:]),
                 "peak_rss_mb": peak_mb,
-                "loss": float(loss),
+                "loss": loss.item(),
+                "allocator": running_allocator(),
             }
         )
     )

@@ -22,6 +22,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from petune import PeftModel
+from petune.memory import running_allocator
 from petune.train import UserError
 from petune.train.config import TrainConfig
 from petune.train.data import Dataset
@@ -97,7 +98,10 @@ def describe_start(
     cfg: TrainConfig, run_dir: Path, data: Dataset, model: nn.Module, global_batch: int, lr: float
 ) -> None:
     trainable, total = parameter_counts(model)
-    print(f"model: {cfg.model or 'embedded SmolLM2-135M-Instruct'} | method: {cfg.method} | run folder: {run_dir}")
+    print(
+        f"model: {cfg.model or 'embedded SmolLM2-135M-Instruct'} | method: {cfg.method} | "
+        f"host allocator: {running_allocator()} | run folder: {run_dir}"
+    )
     print(
         f"data: {data.train_records} training records ({len(data.train)} rows), {len(data.val)} held out | "
         f"truncated to {cfg.max_length} tokens: {data.truncated}"
