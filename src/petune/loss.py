@@ -20,9 +20,10 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.checkpoint import checkpoint
 
 IGNORE_INDEX = -100
-# Label positions whose logits one chunk computes: 128 x vocab fp32 scratch (25 MB for SmolLM2's 49,152 words,
-# about 100 MB with log-softmax and gradients). bf16 LoRA on SmolLM2, 4 x 256: 256 peaked 1538-1578 MB at
-# 2.72-2.76 s a step, 128 1459-1466 MB at 2.41-2.62 s, 32 1412 MB at 2.83 s (benchmarks/step.py, one run each).
+# Label positions whose logits one chunk computes: one 128 x vocab fp32 buffer (25 MB for SmolLM2's 49,152 words),
+# turned into the softmax and the logits' gradient in place. bf16 LoRA on SmolLM2, 4 x 256, when log-softmax
+# and softmax were separate copies: 256 peaked 1538-1578 MB at 2.72-2.76 s a step, 128 1459-1466 MB at
+# 2.41-2.62 s, 32 1412 MB at 2.83 s (benchmarks/step.py, one run each).
 CHUNK_SIZE = 128
 
 
@@ -117,10 +118,14 @@ class _FrozenHeadCrossEntropy(torch.autograd.Function):
         grad_hidden = torch.empty_like(hidden)
         for start in range(0, targets.numel(), chunk_size):
             piece = slice(start, start + chunk_size)
-            logits = F.linear(hidden[piece], weight, bias).float()  # (n, vocab)
-            total += F.cross_entropy(logits, targets[piece], reduction="sum")
-            probabilities = logits.softmax(dim=-1)
-            probabilities[torch.arange(probabilities.shape[0], device=hidden.device), targets[piece]] -= 1.0
+            logits = F.linear(hidden[piece], weight, bias).float()  # (n, vocab), this chunk's only buffer
+            rows = torch.arange(logits.shape[0], device=hidden.device)
+            chosen = logits[rows, targets[piece]]
+            top = logits.amax(dim=-1, keepdim=True)
+            sums = logits.sub_(top).exp_().sum(dim=-1, keepdim=True)  # softmax in place: no second (n, vocab)
+            total += (sums.log() + top).sum() - chosen.sum()  # cross-entropy: logsumexp - chosen logit
+            probabilities = logits.div_(sums)
+            probabilities[rows, targets[piece]] -= 1.0
             grad_hidden[piece] = (probabilities.to(weight.dtype) @ weight).to(hidden.dtype)
         ctx.save_for_backward(grad_hidden)
         return total

@@ -42,7 +42,10 @@ COMPONENTS = (
 # constants per block of 64 and fp32 constants per 256 blocks: 4 + 8/64 + 32/(64 x 256) = 4.127 bits.
 NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)
 FP32 = 4
-LOSS_SCRATCH_BYTES = 16  # per logit of one loss chunk: logits, fp32 log-softmax, its gradient, the logits' gradient
+# per logit of one loss chunk: a frozen head's fp32 logits, turned into their gradient in place (petune.loss);
+# a trained head's (full fine-tuning) logits, fp32 log-softmax, its gradient and the logits' gradient
+FROZEN_HEAD_LOSS_SCRATCH_BYTES = FP32
+LOSS_SCRATCH_BYTES = 16
 
 
 @dataclass(frozen=True)
@@ -173,12 +176,15 @@ def layer_backward_bytes(arch: Architecture, setup: Setup) -> int:
 
 def loss_bytes(arch: Architecture, setup: Setup) -> tuple[int, int]:
     """(kept, scratch) of petune's chunked loss (petune.loss): the final hidden states of the labelled
-    positions (a copy, a h each) and the logits of one chunk of at most `loss_chunk` of them with their
-    fp32 log-softmax and gradients. Every position but the last of each sequence is assumed labelled."""
+    positions (a copy, a h each) and the logits of one chunk of at most `loss_chunk` of them: one fp32 buffer
+    (and a 16-bit copy for a 16-bit head) when the head is frozen, more copies when it trains. Every position
+    but the last of each sequence is assumed labelled."""
     a = activation_bytes(setup.precision)
     labelled = setup.batch_size * (setup.seq_len - 1)
     chunk = min(setup.loss_chunk, labelled)
-    return labelled * a * arch.hidden_size, chunk * arch.vocab_size * LOSS_SCRATCH_BYTES
+    frozen_head = FROZEN_HEAD_LOSS_SCRATCH_BYTES + (a if a < FP32 else 0)
+    per_logit = LOSS_SCRATCH_BYTES if setup.method == "full" else frozen_head
+    return labelled * a * arch.hidden_size, chunk * arch.vocab_size * per_logit
 
 
 def plan(arch: Architecture, setup: Setup, device: Device) -> Plan:
