@@ -60,12 +60,29 @@ def test_unknown_allocator_is_refused_by_name():
 def test_allocator_environment_keeps_the_users_settings():
     library = str(memory.mimalloc_library())
     env = memory.allocator_environment({"PATH": "/bin"})
-    assert env == {"PATH": "/bin", "LD_PRELOAD": library, "MIMALLOC_PURGE_DELAY": "-1"}
+    assert env == {
+        "PATH": "/bin",
+        "LD_PRELOAD": library,
+        "MIMALLOC_PURGE_DELAY": "-1",
+        "MIMALLOC_ARENA_EAGER_COMMIT": "0",
+    }
     env = memory.allocator_environment({"LD_PRELOAD": "/opt/libmine.so", "MIMALLOC_PURGE_DELAY": "50"})
     assert env is not None
     assert env["LD_PRELOAD"] == f"{library}:/opt/libmine.so" and env["MIMALLOC_PURGE_DELAY"] == "50"
     assert memory.allocator_environment({"PETUNE_ALLOCATOR": "system"}) is None
     assert memory.allocator_environment({"PETUNE_ALLOCATOR": " MIMALLOC "}) is not None
+
+
+@pytest.mark.skipif(not MIMALLOC, reason="mimalloc (cmeel-mimalloc) is installed on Linux x86_64/aarch64 only")
+def test_module_prints_the_environment_for_a_users_own_script():
+    printed = subprocess.run(
+        [sys.executable, "-m", "petune.memory"], capture_output=True, text=True, check=True
+    ).stdout.split()
+    settings = dict(item.split("=", 1) for item in printed)
+    assert settings["LD_PRELOAD"].split(":")[0] == str(memory.mimalloc_library())
+    code = "from petune.memory import running_allocator; print(running_allocator())"
+    ran = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, **settings})
+    assert ran.stdout.strip() == "mimalloc"
 
 
 def test_importing_petune_does_not_load_torch():

@@ -17,10 +17,12 @@ Neither is on by default: both trade time for memory. What `petune` commands do 
 mimalloc (`allocator_environment`, `running_allocator`; the `cmeel-mimalloc` wheel, Linux x86_64 and aarch64)
 with page purging off: its size-segregated pages do not fragment the way glibc's heap does, and memory it
 keeps is reused without page faults. Same case, `benchmarks/step.py`, idle 2 cores: 1817 MB at 3.8-4.2 s a
-step against glibc's 2769 MB at 4.2 s (with purging on, mimalloc's default: 1792 MB at 5.2 s). A process
-cannot change its allocator once it runs, so the `petune` console script starts itself again with
-`LD_PRELOAD` set (`petune.cli.entry`); set PETUNE_ALLOCATOR=system to keep glibc. In your own script, run
-it as `LD_PRELOAD=$(python -m petune.memory) MIMALLOC_PURGE_DELAY=-1 python train.py`.
+step against glibc's 2769 MB at 4.2 s (with purging on, mimalloc's default: 1792 MB at 5.2 s); arenas
+committed as they are used rather than at once (MIMALLOC_ARENA_EAGER_COMMIT=0) took it to 1747 MB at 4.2 s
+(the imports alone: 291 -> 263 MB of anonymous memory; glibc 251). A process cannot change its allocator
+once it runs, so the `petune` console script starts itself again with `LD_PRELOAD` set
+(`petune.cli.entry`); set PETUNE_ALLOCATOR=system to keep glibc. Your own script gets the same with
+`env $(python -m petune.memory) python train.py`.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import os
 import sys
 from collections.abc import Mapping
 from importlib import metadata
@@ -38,6 +41,10 @@ M_MMAP_THRESHOLD = -3  # from glibc's malloc.h
 _DEFAULT_THRESHOLD = 128 * 1024
 ALLOCATOR_VARIABLE = "PETUNE_ALLOCATOR"  # "mimalloc" (the default where the library is installed) or "system"
 ALLOCATORS = ("mimalloc", "system")
+MIMALLOC_SETTINGS = {
+    "MIMALLOC_PURGE_DELAY": "-1",  # never give freed pages back to the OS: reuse them, without page faults
+    "MIMALLOC_ARENA_EAGER_COMMIT": "0",  # commit arena memory as it is used, not all at once
+}
 
 
 @functools.cache
@@ -85,17 +92,16 @@ def wanted_allocator(environ: Mapping[str, str]) -> str:
 
 
 def allocator_environment(environ: Mapping[str, str]) -> dict[str, str] | None:
-    """`environ` for a process that runs on mimalloc with page purging off, or None when it would not.
+    """`environ` for a process that runs on mimalloc with `MIMALLOC_SETTINGS`, or None when it would not.
 
     None where the user asked for the system allocator, where mimalloc is not installed, or off Linux.
-    A user's own LD_PRELOAD and MIMALLOC_PURGE_DELAY are kept.
+    A user's own LD_PRELOAD and MIMALLOC_* settings are kept.
     """
     library = mimalloc_library()
     if wanted_allocator(environ) != "mimalloc" or library is None or not sys.platform.startswith("linux"):
         return None
     preload = [str(library), *(part for part in environ.get("LD_PRELOAD", "").split(":") if part)]
-    purge_delay = environ.get("MIMALLOC_PURGE_DELAY", "-1")  # -1: never give pages back, reuse them
-    return {**environ, "LD_PRELOAD": ":".join(preload), "MIMALLOC_PURGE_DELAY": purge_delay}
+    return {**MIMALLOC_SETTINGS, **environ, "LD_PRELOAD": ":".join(preload)}
 
 
 def running_allocator() -> str:
@@ -107,8 +113,8 @@ def running_allocator() -> str:
     return "mimalloc" if "libmimalloc" in maps else "system"
 
 
-if __name__ == "__main__":  # `LD_PRELOAD=$(python -m petune.memory) python train.py`
-    library = mimalloc_library()
-    if library is None:
+if __name__ == "__main__":  # `env $(python -m petune.memory) python train.py`
+    environment = allocator_environment({**os.environ, ALLOCATOR_VARIABLE: "mimalloc"})
+    if environment is None:
         sys.exit("petune.memory: mimalloc is not installed; pip install cmeel-mimalloc (Linux x86_64 or aarch64)")
-    print(library)
+    print(" ".join(f"{name}={environment[name]}" for name in ("LD_PRELOAD", *MIMALLOC_SETTINGS)))
