@@ -32,7 +32,7 @@ def entry() -> int:
 
     The allocator of a running process cannot change, so this process is replaced by the same command with
     mimalloc preloaded (before torch is imported; `import petune` is lazy). Peak RSS of a LoRA step on the
-    embedded model: 2769 MB on glibc, 1817 MB on mimalloc, at the same speed (BENCHMARKS.md).
+    embedded model: 2769 MB on glibc, 1747 MB on mimalloc, at the same speed (petune.memory, BENCHMARKS.md).
     """
     from petune.memory import allocator_environment, running_allocator
 

@@ -87,7 +87,10 @@ def wanted_allocator(environ: Mapping[str, str]) -> str:
     """PETUNE_ALLOCATOR's value (default "mimalloc"); a clear error for any other."""
     wanted = environ.get(ALLOCATOR_VARIABLE, "mimalloc").strip().lower() or "mimalloc"
     if wanted not in ALLOCATORS:
-        raise ValueError(f"{ALLOCATOR_VARIABLE}={wanted!r} is not an allocator petune knows; use one of {ALLOCATORS}")
+        raise ValueError(
+            f"{ALLOCATOR_VARIABLE}={wanted!r} is not an allocator petune knows: "
+            "set it to mimalloc or system, or unset it"
+        )
     return wanted
 
 
@@ -105,7 +108,7 @@ def allocator_environment(environ: Mapping[str, str]) -> dict[str, str] | None:
 
 
 def running_allocator() -> str:
-    """ "mimalloc" when this process runs on it (the library is mapped), else "system"."""
+    """The allocator this process runs on: "mimalloc" where its library is mapped, else "system"."""
     try:
         maps = Path("/proc/self/maps").read_text()
     except OSError:

@@ -73,10 +73,11 @@ def cpu_overhead() -> CpuOverhead:
 
 
 def _cache_file() -> Path:
-    """One file per interpreter and install: its path, the versions, and when torch was installed."""
+    """One file per interpreter, install and allocator: its path, the versions, when torch was installed."""
     from petune.embedded import cache_dir
+    from petune.memory import running_allocator
 
-    parts = [sys.executable, sys.prefix]
+    parts = [sys.executable, sys.prefix, running_allocator()]  # the `petune` command runs on mimalloc
     for package in ("torch", "transformers", "petune"):
         try:
             parts.append(f"{package}=={metadata.version(package)}")
