@@ -64,15 +64,21 @@ def trl_records(settings: Settings) -> list[dict[str, Any]]:
     return [trl_record(rows[i][1], rows[i][0]) for i in petune_order(settings)]
 
 
+def environment(allocator: str) -> dict[str, str]:
+    """This process's environment for a child on `allocator`: "system", or "mimalloc" (where it is installed;
+    the system's otherwise). Shared with run.py."""
+    system = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+    if allocator == "system":
+        return {**system, "PETUNE_ALLOCATOR": "system"}
+    return allocator_environment({**system, "PETUNE_ALLOCATOR": "mimalloc"}) or system
+
+
 def measure(side: str, settings: Settings, records_file: str, model_dir: str) -> dict[str, Any]:
     """Run one side in a fresh process; its result, or {"error": last line of its stderr}."""
     command = [sys.executable, str(HERE / "e2e_sides.py"), side, "--settings", json.dumps(dataclasses.asdict(settings))]
     command += ["--records", records_file, "--model-dir", model_dir]
-    system = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
-    system["TOKENIZERS_PARALLELISM"] = "false"
-    # petune's side runs on the allocator the `petune` command runs on (mimalloc where installed), TRL's on the
-    # system's, as each is started from a shell
-    env = (allocator_environment(system) if side == "petune" else None) or system
+    # petune's side runs on the allocator the `petune` command runs on, TRL's on the system's, as each is started
+    env = {**environment("mimalloc" if side == "petune" else "system"), "TOKENIZERS_PARALLELISM": "false"}
     done = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
     lines = [line for line in done.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
     if done.returncode != 0 or not lines:

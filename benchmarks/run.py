@@ -27,8 +27,6 @@ from typing import Any
 
 import e2e_trl  # benchmarks/, on the path when this file runs as a script
 
-from petune.memory import allocator_environment
-
 HERE = Path(__file__).resolve().parent
 # The issue's table (method:dtype), plus checkpointing (":ckpt") for two of them.
 DEFAULT_CASES = [
@@ -37,18 +35,10 @@ DEFAULT_CASES = [
 ]  # fmt: skip
 
 
-def environment(allocator: str) -> dict[str, str]:
-    """This process's environment for a child on `allocator` ("mimalloc" falls back to the system's)."""
-    system = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
-    if allocator == "system":
-        return {**system, "PETUNE_ALLOCATOR": "system"}
-    return allocator_environment({**system, "PETUNE_ALLOCATOR": "mimalloc"}) or system
-
-
 def measure(impl: str, method: str, dtype: str, checkpointing: bool, steps: int, allocator: str) -> dict[str, Any]:
     command = [sys.executable, str(HERE / "step.py"), "--impl", impl, "--method", method, "--dtype", dtype]
     command += ["--steps", str(steps)] + (["--checkpointing"] if checkpointing else [])
-    done = subprocess.run(command, capture_output=True, text=True, check=False, env=environment(allocator))
+    done = subprocess.run(command, capture_output=True, text=True, check=False, env=e2e_trl.environment(allocator))
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if done.returncode != 0 or not lines:
         tail = done.stderr.strip().splitlines()[-1:] or ["no output"]
