@@ -35,9 +35,11 @@ DEFAULT_CASES = [
 ]  # fmt: skip
 
 
-def measure(impl: str, method: str, dtype: str, checkpointing: bool, steps: int, allocator: str) -> dict[str, Any]:
+def measure(
+    impl: str, method: str, dtype: str, checkpointing: bool, steps: int, allocator: str, device: str
+) -> dict[str, Any]:
     command = [sys.executable, str(HERE / "step.py"), "--impl", impl, "--method", method, "--dtype", dtype]
-    command += ["--steps", str(steps)] + (["--checkpointing"] if checkpointing else [])
+    command += ["--steps", str(steps), "--device", device] + (["--checkpointing"] if checkpointing else [])
     done = subprocess.run(command, capture_output=True, text=True, check=False, env=e2e_trl.environment(allocator))
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if done.returncode != 0 or not lines:
@@ -67,6 +69,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cases", nargs="+", default=DEFAULT_CASES, help="method:dtype[:ckpt] ...")
     parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda where available)")
     parser.add_argument("--out", type=Path, default=HERE.parent / "BENCHMARKS.md")
     parser.add_argument(
         "--peft-allocator",
@@ -90,22 +93,30 @@ def main() -> None:
 
 def step_table(args: argparse.Namespace, command: str) -> None:
     """Measure `args.cases` and write BENCHMARKS.md anew with their table."""
+    device = args.device or ("cuda" if _cuda_available() else "cpu")
+    memory = "peak_gpu_mb" if device.startswith("cuda") else "peak_rss_mb"
     rows = []
     for case in args.cases:
         method, dtype, *rest = case.split(":")
         checkpointing = rest == ["ckpt"]
-        theirs = measure("peft", method, dtype, checkpointing, args.steps, args.peft_allocator)
-        ours = measure("petune", method, dtype, checkpointing, args.steps, "mimalloc")
+        theirs = measure("peft", method, dtype, checkpointing, args.steps, args.peft_allocator, device)
+        ours = measure("petune", method, dtype, checkpointing, args.steps, "mimalloc", device)
         rows.append((method, dtype, checkpointing, ours, theirs))
         print(case, ours, theirs, flush=True)
 
     lines = [
         "# Benchmarks: petune vs HF PEFT",
         "",
-        f"Measured {time.strftime('%Y-%m-%d')} on {platform.machine()}, {os.cpu_count()} CPU cores, "
-        f"Python {platform.python_version()}. SmolLM2-135M-Instruct (the embedded model), batch 4 x 256 random "
-        "tokens, labels = inputs, AdamW; median of the measured steps after one warm-up step; peak RSS of a "
-        "fresh process per measurement (model loading included). petune computes the loss with "
+        f"Measured {time.strftime('%Y-%m-%d')} on {platform.machine()}, {os.cpu_count()} CPU cores"
+        f"{_gpu_name(device)}, Python {platform.python_version()}. SmolLM2-135M-Instruct (the embedded model), "
+        "batch 4 x 256 random tokens, labels = inputs, AdamW; median of the measured steps after one warm-up step; "
+        + (
+            "peak GPU memory allocated by torch (`torch.cuda.max_memory_allocated`) in a fresh process per "
+            "measurement. "
+            if memory == "peak_gpu_mb"
+            else "peak RSS of a fresh process per measurement (model loading included). "
+        )
+        + "petune computes the loss with "
         "`petune.loss.causal_lm_loss` (no full logits); peft with the model's own `labels=` loss. "
         f"Host allocator: petune {allocators(rows, 3)} (what the `petune` command runs on), "
         f"peft {allocators(rows, 4)}.",
@@ -120,11 +131,24 @@ def step_table(args: argparse.Namespace, command: str) -> None:
         lines.append(
             f"| {method} | {dtype} | {'on' if checkpointing else 'off'} | {cell(ours, 'step_s', '.2f')} | "
             f"{cell(theirs, 'step_s', '.2f')} | {ratio(ours, theirs, 'step_s')} | "
-            f"{cell(ours, 'peak_rss_mb', '.0f')} | {cell(theirs, 'peak_rss_mb', '.0f')} | "
-            f"{ratio(ours, theirs, 'peak_rss_mb')} |"
+            f"{cell(ours, memory, '.0f')} | {cell(theirs, memory, '.0f')} | {ratio(ours, theirs, memory)} |"
         )
     args.out.write_text("\n".join(lines) + "\n")
     print(f"wrote {args.out}")
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
+def _gpu_name(device: str) -> str:
+    if not device.startswith("cuda"):
+        return ""
+    import torch
+
+    return f", GPU {torch.cuda.get_device_name(torch.device(device))}"
 
 
 if __name__ == "__main__":

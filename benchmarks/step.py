@@ -1,9 +1,11 @@
 """One training-step measurement in this process: petune or HF PEFT, one method, one dtype.
 
-Prints one JSON line: median step seconds (after one warm-up step), peak RSS of the process in MB.
-Run through `benchmarks/run.py`, which starts a fresh process per measurement.
+Prints one JSON line: median step seconds (after one warm-up step), peak RSS of the process in MB and, on a
+GPU, the peak of torch's GPU memory in MB. Run through `benchmarks/run.py`, which starts a fresh process per
+measurement.
 
     python benchmarks/step.py --impl petune --method lora --dtype fp32
+    python benchmarks/step.py --impl peft --method qlora --dtype bf16 --device cuda
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ def make_config(lib: Any, method: str) -> Any:
     raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
 
 
-def load_base(method: str, dtype: torch.dtype) -> Any:
+def load_base(method: str, dtype: torch.dtype, device: str = "cpu") -> Any:
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     from petune.embedded import embedded_model_dir
@@ -56,6 +58,8 @@ def load_base(method: str, dtype: torch.dtype) -> Any:
             bnb_4bit_compute_dtype=torch.bfloat16,
         )
         kwargs["dtype"] = torch.bfloat16
+    if device != "cpu":
+        kwargs["device_map"] = device
     return AutoModelForCausalLM.from_pretrained(embedded_model_dir(), **kwargs)
 
 
@@ -68,10 +72,11 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--steps", type=int, default=4, help="measured steps, after one warm-up step")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, ...")
     args = parser.parse_args()
 
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
-    model = load_base(args.method, dtype)
+    model = load_base(args.method, dtype, args.device)
     if args.impl == "peft":
         import peft as lib
     else:
@@ -84,7 +89,7 @@ def main() -> None:
 
     torch.manual_seed(0)
     vocab = model.get_input_embeddings().weight.shape[0]
-    input_ids = torch.randint(0, vocab, (args.batch_size, args.seq_len))
+    input_ids = torch.randint(0, vocab, (args.batch_size, args.seq_len)).to(args.device)
     batch = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": input_ids}
 
     if args.impl == "petune":
@@ -97,6 +102,7 @@ def main() -> None:
         def step_loss() -> torch.Tensor:
             return model(**batch).loss  # type: ignore[no-any-return]
 
+    gpu = torch.device(args.device).type == "cuda"
     times = []
     for _ in range(args.steps + 1):
         start = time.perf_counter()
@@ -104,22 +110,23 @@ def main() -> None:
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if gpu:
+            torch.cuda.synchronize()  # the step has run, not just been queued
         times.append(time.perf_counter() - start)
-    peak_mb = peak_rss_mb()
-    print(
-        json.dumps(
-            {
-                "impl": args.impl,
-                "method": args.method,
-                "dtype": args.dtype,
-                "checkpointing": args.checkpointing,
-                "step_s": statistics.median(times[1:]),
-                "peak_rss_mb": peak_mb,
-                "loss": loss.item(),
-                "allocator": running_allocator(),
-            }
-        )
-    )
+    result = {
+        "impl": args.impl,
+        "method": args.method,
+        "dtype": args.dtype,
+        "checkpointing": args.checkpointing,
+        "device": args.device,
+        "step_s": statistics.median(times[1:]),
+        "peak_rss_mb": peak_rss_mb(),
+        "loss": loss.item(),
+        "allocator": running_allocator(),
+    }
+    if gpu:
+        result["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    print(json.dumps(result))
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from petune import LoraConfig, get_peft_model
@@ -102,3 +103,66 @@ def test_the_models_own_head_runs_on_one_contiguous_position(build):
     finally:
         handle.remove()
     assert [(tuple(x.shape), x.is_contiguous()) for x in seen] == [((3, 1, 32), True)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_frozen_head_with_a_bias_matches_the_plain_loss_over_a_partial_last_chunk(dtype):
+    batch = _batch()
+    labelled = int((batch["labels"][:, 1:] != -100).sum())
+    chunk_size = 4
+    assert labelled % chunk_size, "the last chunk must be a partial one"
+
+    def build() -> torch.nn.Module:
+        model = _llama()
+        model.lm_head = torch.nn.Linear(32, 97, bias=True)  # a frozen head of its own with a bias, seeded below
+        torch.manual_seed(2)
+        torch.nn.init.normal_(model.lm_head.bias, std=1.0)
+        return get_peft_model(model.to(dtype), LoraConfig(r=4, init_lora_weights=False))
+
+    reference, ours = build(), build()
+    expected = reference(**batch).loss
+    expected.backward()
+    got = causal_lm_loss(ours, batch, chunk_size=chunk_size)
+    got.backward()
+
+    tolerance = {"rtol": 1e-6, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
+    torch.testing.assert_close(got.float(), expected.float(), **tolerance)
+    grads = {n: p.grad for n, p in reference.named_parameters() if p.requires_grad}
+    for name, param in ours.named_parameters():
+        if param.requires_grad:
+            torch.testing.assert_close(param.grad.float(), grads[name].float(), **tolerance)
+
+
+class _ChunkLogits(TorchDispatchMode):
+    """Keeps every (at most `rows`, vocab) tensor an operation returns whose storage could hold a whole chunk's
+    logits, so that no two of them can share an address (the model's own head on 3 rows and its weight are not
+    such tensors)."""
+
+    def __init__(self, rows: int, vocab: int) -> None:
+        super().__init__()
+        self.rows, self.vocab, self.kept = rows, vocab, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, tuple | list) else [out]:
+            if (
+                isinstance(t, torch.Tensor)
+                and t.dim() == 2
+                and t.shape[0] <= self.rows
+                and t.shape[1] == self.vocab
+                and t.untyped_storage().nbytes() >= self.rows * self.vocab * t.element_size()
+            ):
+                self.kept.append(t)
+        return out
+
+
+@pytest.mark.parametrize(("dtype", "buffers"), [(torch.float32, 1), (torch.bfloat16, 2)])
+def test_every_chunk_reuses_one_logits_buffer(dtype, buffers):
+    """fp32 logits in one buffer, and a 16-bit head's matmul operands in one more, however many chunks there are."""
+    batch = _batch()
+    assert int((batch["labels"][:, 1:] != -100).sum()) > 4 * 4  # five chunks of 4, the last one partial
+    model = get_peft_model(_llama().to(dtype), LoraConfig(r=4))
+    mode = _ChunkLogits(rows=4, vocab=97)
+    with mode:
+        causal_lm_loss(model, batch, chunk_size=4)
+    assert len({t.untyped_storage().data_ptr() for t in mode.kept}) == buffers

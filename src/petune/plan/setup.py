@@ -36,7 +36,7 @@ class Setup:
     lora_targets: tuple[str, ...] = ("q_proj", "v_proj")  # or LINEAR_NAMES for all-linear
     virtual_tokens: int = 20
     encoder_hidden_size: int = 128  # p-tuning's MLP
-    loss_chunk: int = 128  # label positions whose logits petune's loss computes at once (petune.loss.CHUNK_SIZE)
+    loss_chunk: int = 256  # label positions whose logits petune's loss computes at once (petune.loss.CHUNK_SIZE)
 
     def __post_init__(self) -> None:
         choices = {"method": METHODS, "precision": PRECISIONS, "optimizer_state": tuple(OPTIMIZER_STATES)}
