@@ -9,6 +9,7 @@ table comes the end-to-end comparison of `petune train` with TRL's SFTTrainer + 
 
     python benchmarks/run.py                      # the full table (about 20 minutes on 2 cores), then end-to-end
     python benchmarks/run.py --cases lora:fp32 lora:fp32:ckpt --out /tmp/b.md --no-e2e
+    python benchmarks/run.py --no-e2e --repeats 3 --cases lora:fp32 prompt:bf16   # medians of 3 pairs of runs
     python benchmarks/run.py --e2e-only           # rewrite only the end-to-end section of BENCHMARKS.md
     python benchmarks/run.py --no-e2e --peft-allocator mimalloc --out /tmp/same-allocator.md
 """
@@ -19,6 +20,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -49,10 +51,24 @@ def measure(
     return result
 
 
-def ratio(ours: dict[str, Any], theirs: dict[str, Any], key: str) -> str:
+def median_of(runs: list[dict[str, Any]], keys: tuple[str, ...]) -> dict[str, Any]:
+    """One side's result over its runs: the median of each of `keys`, or the first failure if none ran."""
+    done = [run for run in runs if "step_s" in run]
+    if not done:
+        return runs[0]
+    result = dict(done[0])
+    for key in keys:
+        if all(key in run for run in done):
+            result[key] = statistics.median(run[key] for run in done)
+    result["runs"] = len(done)
+    return result
+
+
+def ratio(ours: dict[str, Any], theirs: dict[str, Any], key: str, pairs: list[float] | None = None) -> str:
     if key not in ours or key not in theirs:
         return "—"
-    return f"{ours[key] / theirs[key]:.2f}"
+    spread = f" ({min(pairs):.2f}-{max(pairs):.2f})" if pairs and len(pairs) > 1 else ""
+    return f"{ours[key] / theirs[key]:.2f}{spread}"
 
 
 def allocators(rows: list[Any], side: int) -> str:
@@ -69,6 +85,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cases", nargs="+", default=DEFAULT_CASES, help="method:dtype[:ckpt] ...")
     parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=1, help="fresh-process runs per side and case, alternating")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda where available)")
     parser.add_argument("--out", type=Path, default=HERE.parent / "BENCHMARKS.md")
     parser.add_argument(
@@ -99,24 +116,24 @@ def step_table(args: argparse.Namespace, command: str) -> None:
     for case in args.cases:
         method, dtype, *rest = case.split(":")
         checkpointing = rest == ["ckpt"]
-        theirs = measure("peft", method, dtype, checkpointing, args.steps, args.peft_allocator, device)
-        ours = measure("petune", method, dtype, checkpointing, args.steps, "mimalloc", device)
-        rows.append((method, dtype, checkpointing, ours, theirs))
-        print(case, ours, theirs, flush=True)
+        pairs = []
+        for _ in range(args.repeats):
+            theirs = measure("peft", method, dtype, checkpointing, args.steps, args.peft_allocator, device)
+            ours = measure("petune", method, dtype, checkpointing, args.steps, "mimalloc", device)
+            pairs.append((ours, theirs))
+            print(case, ours, theirs, flush=True)
+        keys = ("step_s", memory)
+        ours, theirs = (median_of([pair[side] for pair in pairs], keys) for side in (0, 1))
+        steps = [o["step_s"] / t["step_s"] for o, t in pairs if "step_s" in o and "step_s" in t]
+        rows.append((method, dtype, checkpointing, ours, theirs, steps))
 
     lines = [
         "# Benchmarks: petune vs HF PEFT",
         "",
         f"Measured {time.strftime('%Y-%m-%d')} on {platform.machine()}, {os.cpu_count()} CPU cores"
         f"{_gpu_name(device)}, Python {platform.python_version()}. SmolLM2-135M-Instruct (the embedded model), "
-        "batch 4 x 256 random tokens, labels = inputs, AdamW; median of the measured steps after one warm-up step; "
-        + (
-            "peak GPU memory allocated by torch (`torch.cuda.max_memory_allocated`) in a fresh process per "
-            "measurement. "
-            if memory == "peak_gpu_mb"
-            else "peak RSS of a fresh process per measurement (model loading included). "
-        )
-        + "petune computes the loss with "
+        f"batch 4 x 256 random tokens, labels = inputs, AdamW; {_how_measured(args.repeats, memory)} "
+        "petune computes the loss with "
         "`petune.loss.causal_lm_loss` (no full logits); peft with the model's own `labels=` loss. "
         f"Host allocator: petune {allocators(rows, 3)} (what the `petune` command runs on), "
         f"peft {allocators(rows, 4)}.",
@@ -127,14 +144,26 @@ def step_table(args: argparse.Namespace, command: str) -> None:
         "peft peak MB | memory ratio |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    for method, dtype, checkpointing, ours, theirs in rows:
+    for method, dtype, checkpointing, ours, theirs, steps in rows:
         lines.append(
             f"| {method} | {dtype} | {'on' if checkpointing else 'off'} | {cell(ours, 'step_s', '.2f')} | "
-            f"{cell(theirs, 'step_s', '.2f')} | {ratio(ours, theirs, 'step_s')} | "
+            f"{cell(theirs, 'step_s', '.2f')} | {ratio(ours, theirs, 'step_s', steps)} | "
             f"{cell(ours, memory, '.0f')} | {cell(theirs, memory, '.0f')} | {ratio(ours, theirs, memory)} |"
         )
     args.out.write_text("\n".join(lines) + "\n")
     print(f"wrote {args.out}")
+
+
+def _how_measured(repeats: int, memory: str) -> str:
+    median = "median of the measured steps after one warm-up step"
+    if repeats > 1:
+        median += (
+            f", then the median of {repeats} runs per side (petune and peft alternating; the step ratio's range over "
+            "the pairs of runs in brackets)"
+        )
+    if memory == "peak_gpu_mb":
+        return f"{median}; peak GPU memory allocated by torch (`torch.cuda.max_memory_allocated`)."
+    return f"{median}; peak RSS of a fresh process per measurement (model loading included)."
 
 
 def _cuda_available() -> bool:

@@ -6,6 +6,7 @@ measurement.
 
     python benchmarks/step.py --impl petune --method lora --dtype fp32
     python benchmarks/step.py --impl peft --method qlora --dtype bf16 --device cuda
+    PETUNE_KERNELS=0 python benchmarks/step.py --impl petune --method lora --compile   # torch.compile, per layer
 """
 
 from __future__ import annotations
@@ -72,6 +73,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--steps", type=int, default=4, help="measured steps, after one warm-up step")
+    parser.add_argument(
+        "--compile", action="store_true", help="torch.compile each decoder layer (with PETUNE_KERNELS=0: whole layers)"
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, ...")
     args = parser.parse_args()
 
@@ -85,6 +89,9 @@ def main() -> None:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model = lib.get_peft_model(model, make_config(lib, args.method))
     model.train()
+    if args.compile:  # one compiled graph shared by the identical layers; the first step pays for compiling
+        for layer in model.get_base_model().model.layers:
+            layer.compile()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
     torch.manual_seed(0)
