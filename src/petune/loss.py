@@ -20,11 +20,11 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.checkpoint import checkpoint
 
 IGNORE_INDEX = -100
-# Label positions whose logits one chunk computes, in one (rows, vocab) fp32 buffer that every chunk reuses (50 MB
-# for SmolLM2's 49,152 words), turned into the softmax and the logits' gradient in place. Measured on SmolLM2's
-# head, 1020 positions, one process, 6 interleaved runs each (medians): fp32 128 rows 904 ms, 256 777 ms, 512 754 ms;
-# bf16 128 424 ms, 256 386 ms, 512 395 ms. Peak RSS of benchmarks/step.py's LoRA step with 256 rows (one run each):
-# fp32 1746 MB, bf16 1202 MB, against 1745 and 1190 MB with 128 rows and a fresh buffer per chunk.
+# Label positions whose logits one chunk computes, in one (rows, vocab) fp32 buffer that every chunk reuses (48 MiB
+# for SmolLM2's 49,152 words), turned into the softmax and the logits' gradient in place. The loss of 1020
+# positions on SmolLM2's head by chunk size (`python benchmarks/loss_chunk.py`, medians of 7 interleaved runs):
+# fp32 128 rows 857 ms, 256 817 ms, 512 734 ms; bf16 416, 399, 408 ms. With the buffer reused, 256 rows peak
+# where 128 fresh buffers a step did (benchmarks/run.py, LoRA: fp32 1745 vs 1742 MB, bf16 1198 vs 1190 MB).
 CHUNK_SIZE = 256
 
 
