@@ -1,13 +1,14 @@
 """Time one training step of each prompt method against LoRA on the same model and batch.
 
 Run: `python benchmarks/prompt_vs_lora_step.py` (about a minute on a 2-core CPU; `--batch 4 --tokens 256
---steps 10` for the numbers in BENCHMARKS.md). It uses the embedded SmolLM2-135M when available, else a
-random 4-layer Llama, and prints a table of median step times. A step is forward + backward + AdamW update
-(petune train's, `petune.optim.adamw`) in training mode, with the loss `petune train` uses (`--loss petune`:
-`petune.loss.causal_lm_loss`, logits only where a label is) or the model's own (`--loss labels`: the
-forward's `labels=`, full logits, what a transformers Trainer does). The prompt methods see `--virtual`
-more positions than LoRA does (that is what they are), so the table also shows how many positions each
-step computed. `lora control` is a second, identical LoRA: its ratio shows the run's noise.
+--steps 10` for the numbers in BENCHMARKS.md, `--dtype bf16` for a bf16 base). It uses the embedded
+SmolLM2-135M when available, else a random 4-layer Llama, and prints a table of median step times. A step is
+forward + backward + AdamW update (petune train's, `petune.optim.adamw`) in training mode, with the loss
+`petune train` uses (`--loss petune`: `petune.loss.causal_lm_loss`, logits only where a label is) or the
+model's own (`--loss labels`: the forward's `labels=`, full logits, what a transformers Trainer does). The
+prompt methods see `--virtual` more positions than LoRA does (that is what they are), so the table also shows
+how many positions each step computed. `lora control` is a second, identical LoRA: its ratio shows the run's
+noise.
 
 Each method wraps its own copy of the base model and the methods take their steps in turn (round-robin), so
 a machine whose load changes during the run slows every method alike.
@@ -87,15 +88,16 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--loss", choices=["petune", "labels"], default="petune")
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="the frozen model's dtype")
     parser.add_argument("--methods", help="comma-separated names from the table's first column (default: all)")
     args = parser.parse_args()
     torch.manual_seed(0)
-    model = base_model(args.model)
+    model = base_model(args.model).to(torch.bfloat16 if args.dtype == "bf16" else torch.float32)
     vocab = model.config.vocab_size
     input_ids = torch.randint(0, vocab, (args.batch, args.tokens))
     batch = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": input_ids}
     print(f"{type(model).__name__}, batch {args.batch} x {args.tokens} tokens, {args.virtual} virtual tokens")
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, loss: {args.loss}")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, loss: {args.loss}, {args.dtype}")
     chosen = configs(args.virtual)
     if args.methods:
         names = [name.strip() for name in args.methods.split(",")]
