@@ -58,10 +58,13 @@ def describe(value: Any) -> Any:
 
 
 def rebuild(value: Any) -> Any:
+    """A random tensor of a recorded layout (strides of 0, from `expand`, included), or the argument itself."""
     if isinstance(value, tuple) and value and value[0] == "tensor":
         _, size, stride, dtype, device = value
-        tensor = torch.empty_strided(size, stride, dtype=dtype, device=device)
-        return tensor.copy_(torch.randn(size, dtype=torch.float32).to(dtype)) if tensor.numel() else tensor
+        if 0 in size:
+            return torch.empty(size, dtype=dtype, device=device)
+        storage = 1 + sum((n - 1) * step for n, step in zip(size, stride, strict=True))
+        return torch.randn(storage, device=device).to(dtype).as_strided(size, stride)
     return value
 
 
