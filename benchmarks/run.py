@@ -38,10 +38,11 @@ DEFAULT_CASES = [
 
 
 def measure(
-    impl: str, method: str, dtype: str, checkpointing: bool, steps: int, allocator: str, device: str
+    impl: str, method: str, dtype: str, checkpointing: bool, steps: int, allocator: str, device: str, shape: str | None
 ) -> dict[str, Any]:
     command = [sys.executable, str(HERE / "step.py"), "--impl", impl, "--method", method, "--dtype", dtype]
     command += ["--steps", str(steps), "--device", device] + (["--checkpointing"] if checkpointing else [])
+    command += ["--shape", shape] if shape else []
     done = subprocess.run(command, capture_output=True, text=True, check=False, env=e2e_trl.environment(allocator))
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if done.returncode != 0 or not lines:
@@ -87,6 +88,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=1, help="fresh-process runs per side and case, alternating")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda where available)")
+    parser.add_argument("--shape", help="random weights in this `petune plan` model's shape (e.g. llama-2-7b)")
     parser.add_argument("--out", type=Path, default=HERE.parent / "BENCHMARKS.md")
     parser.add_argument(
         "--peft-allocator",
@@ -118,8 +120,8 @@ def step_table(args: argparse.Namespace, command: str) -> None:
         checkpointing = rest == ["ckpt"]
         pairs = []
         for _ in range(args.repeats):
-            theirs = measure("peft", method, dtype, checkpointing, args.steps, args.peft_allocator, device)
-            ours = measure("petune", method, dtype, checkpointing, args.steps, "mimalloc", device)
+            theirs = measure("peft", method, dtype, checkpointing, args.steps, args.peft_allocator, device, args.shape)
+            ours = measure("petune", method, dtype, checkpointing, args.steps, "mimalloc", device, args.shape)
             pairs.append((ours, theirs))
             print(case, ours, theirs, flush=True)
         keys = ("step_s", memory)
@@ -131,8 +133,13 @@ def step_table(args: argparse.Namespace, command: str) -> None:
         "# Benchmarks: petune vs HF PEFT",
         "",
         f"Measured {time.strftime('%Y-%m-%d')} on {platform.machine()}, {os.cpu_count()} CPU cores"
-        f"{_gpu_name(device)}, Python {platform.python_version()}. SmolLM2-135M-Instruct (the embedded model), "
-        f"batch 4 x 256 random tokens, labels = inputs, AdamW; {_how_measured(args.repeats, memory)} "
+        f"{_gpu_name(device)}, Python {platform.python_version()}. "
+        + (
+            f"Random weights in the shape of {args.shape}, "
+            if args.shape
+            else "SmolLM2-135M-Instruct (the embedded model), "
+        )
+        + f"batch 4 x 256 random tokens, labels = inputs, AdamW; {_how_measured(args.repeats, memory)} "
         "petune computes the loss with "
         "`petune.loss.causal_lm_loss` (no full logits); peft with the model's own `labels=` loss. "
         f"Host allocator: petune {allocators(rows, 3)} (what the `petune` command runs on), "

@@ -5,7 +5,7 @@ GPU, the peak of torch's GPU memory in MB. Run through `benchmarks/run.py`, whic
 measurement.
 
     python benchmarks/step.py --impl petune --method lora --dtype fp32
-    python benchmarks/step.py --impl peft --method qlora --dtype bf16 --device cuda
+    python benchmarks/step.py --impl peft --method qlora --dtype bf16 --device cuda --shape llama-2-7b
     PETUNE_KERNELS=0 python benchmarks/step.py --impl petune --method lora --compile   # torch.compile, per layer
 """
 
@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import tempfile
 import time
 from typing import Any
 
@@ -45,7 +46,8 @@ def make_config(lib: Any, method: str) -> Any:
     raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
 
 
-def load_base(method: str, dtype: torch.dtype, device: str = "cpu") -> Any:
+def load_base(method: str, dtype: torch.dtype, device: str = "cpu", shape: str | None = None) -> Any:
+    """The embedded SmolLM2, or with `shape` random weights in the shape of a `petune plan` model."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     from petune.embedded import embedded_model_dir
@@ -61,7 +63,43 @@ def load_base(method: str, dtype: torch.dtype, device: str = "cpu") -> Any:
         kwargs["dtype"] = torch.bfloat16
     if device != "cpu":
         kwargs["device_map"] = device
-    return AutoModelForCausalLM.from_pretrained(embedded_model_dir(), **kwargs)
+    if shape is None:
+        return AutoModelForCausalLM.from_pretrained(embedded_model_dir(), **kwargs)
+    with tempfile.TemporaryDirectory(prefix="petune-random-") as folder:  # removed once loaded (7B: 13 GB)
+        save_random_model(shape, folder)
+        return AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+
+
+def save_random_model(shape: str, folder: str) -> None:
+    """Save a random bf16 Llama of a built-in `petune plan` shape (e.g. smollm2-135m, llama-2-7b) to `folder`.
+
+    For a machine without the embedded model (a GPU machine, which the 98 MB GGUF file cannot travel to): step
+    times and memory depend on the shape, not on the weights. Loading it as a file lets QLoRA quantise it.
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from petune.plan.architectures import resolve_architecture
+
+    arch = resolve_architecture(shape)
+    config = LlamaConfig(
+        vocab_size=arch.vocab_size,
+        hidden_size=arch.hidden_size,
+        intermediate_size=arch.intermediate_size,
+        num_hidden_layers=arch.num_layers,
+        num_attention_heads=arch.num_heads,
+        num_key_value_heads=arch.num_kv_heads,
+        head_dim=arch.head_dim,
+        attention_bias=arch.attention_bias,
+        tie_word_embeddings=arch.tie_word_embeddings,
+        max_position_embeddings=arch.max_position_embeddings,
+    )
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    model = model.to_empty(device="cpu").to(torch.bfloat16)
+    for parameter in model.parameters():  # norms' weights 1, the rest N(0, 0.02)
+        torch.nn.init.ones_(parameter) if parameter.dim() == 1 else torch.nn.init.normal_(parameter, std=0.02)
+    model.save_pretrained(folder)
 
 
 def main() -> None:
@@ -76,11 +114,12 @@ def main() -> None:
     parser.add_argument(
         "--compile", action="store_true", help="torch.compile each decoder layer (with PETUNE_KERNELS=0: whole layers)"
     )
+    parser.add_argument("--shape", help="random weights in this `petune plan` model's shape, not the embedded model")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, ...")
     args = parser.parse_args()
 
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
-    model = load_base(args.method, dtype, args.device)
+    model = load_base(args.method, dtype, args.device, args.shape)
     if args.impl == "peft":
         import peft as lib
     else:
@@ -126,6 +165,7 @@ def main() -> None:
         "dtype": args.dtype,
         "checkpointing": args.checkpointing,
         "device": args.device,
+        "model": args.shape or "embedded SmolLM2-135M-Instruct",
         "step_s": statistics.median(times[1:]),
         "peak_rss_mb": peak_rss_mb(),
         "loss": loss.item(),
