@@ -25,7 +25,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from step import METHODS, load_base, make_config  # benchmarks/, on the path when this file runs as a script
+from step import METHODS, load_base, training_step, wrapped  # benchmarks/, on the path when this file runs as a script
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -89,26 +89,7 @@ def main() -> None:
     args = parser.parse_args()
 
     model = load_base(args.method, torch.bfloat16 if args.dtype == "bf16" else torch.float32)
-    if args.impl == "peft":
-        import peft as lib
-    else:
-        import petune as lib  # type: ignore[no-redef]
-    model = lib.get_peft_model(model, make_config(lib, args.method)).train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    torch.manual_seed(0)
-    input_ids = torch.randint(0, model.get_input_embeddings().weight.shape[0], (4, 256))
-    batch = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": input_ids}
-
-    def step() -> None:
-        if args.impl == "petune":
-            from petune.loss import causal_lm_loss
-
-            loss = causal_lm_loss(model, batch)
-        else:
-            loss = model(**batch).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    step = training_step(args.impl, wrapped(args.impl, args.method, model))
 
     times = []
     for _ in range(args.steps + 1):

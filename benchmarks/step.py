@@ -16,6 +16,7 @@ import json
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -102,6 +103,39 @@ def save_random_model(shape: str, folder: str) -> None:
     model.save_pretrained(folder)
 
 
+def wrapped(impl: str, method: str, model: Any) -> Any:
+    """`model` with `method`'s adapter from petune or peft (the same config class names and fields), training."""
+    if impl == "peft":
+        import peft as lib
+    else:
+        import petune as lib  # type: ignore[no-redef]
+    return lib.get_peft_model(model, make_config(lib, method)).train()
+
+
+def training_step(impl: str, model: Any, batch_size: int = 4, seq_len: int = 256) -> Callable[[], torch.Tensor]:
+    """One forward + backward + AdamW step of the wrapped `model` on a fixed random batch (labels = inputs),
+    returning the loss: petune's `causal_lm_loss` for petune, the model's own `labels=` loss for peft."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    torch.manual_seed(0)
+    vocab = model.get_input_embeddings().weight.shape[0]
+    input_ids = torch.randint(0, vocab, (batch_size, seq_len)).to(model.get_input_embeddings().weight.device)
+    batch = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": input_ids}
+
+    def step() -> torch.Tensor:
+        if impl == "petune":
+            from petune.loss import causal_lm_loss
+
+            loss = causal_lm_loss(model, batch)
+        else:
+            loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    return step
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--impl", choices=["petune", "peft"], required=True)
@@ -120,42 +154,19 @@ def main() -> None:
 
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     model = load_base(args.method, dtype, args.device, args.shape)
-    if args.impl == "peft":
-        import peft as lib
-    else:
-        import petune as lib  # type: ignore[no-redef]
     if args.checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    model = lib.get_peft_model(model, make_config(lib, args.method))
-    model.train()
+    model = wrapped(args.impl, args.method, model)
     if args.compile:  # one compiled graph shared by the identical layers; the first step pays for compiling
         for layer in model.get_base_model().model.layers:
             layer.compile()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-
-    torch.manual_seed(0)
-    vocab = model.get_input_embeddings().weight.shape[0]
-    input_ids = torch.randint(0, vocab, (args.batch_size, args.seq_len)).to(args.device)
-    batch = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": input_ids}
-
-    if args.impl == "petune":
-        from petune.loss import causal_lm_loss
-
-        def step_loss() -> torch.Tensor:
-            return causal_lm_loss(model, batch)
-    else:
-
-        def step_loss() -> torch.Tensor:
-            return model(**batch).loss  # type: ignore[no-any-return]
+    step = training_step(args.impl, model, args.batch_size, args.seq_len)
 
     gpu = torch.device(args.device).type == "cuda"
     times = []
     for _ in range(args.steps + 1):
         start = time.perf_counter()
-        loss = step_loss()
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        loss = step()
         if gpu:
             torch.cuda.synchronize()  # the step has run, not just been queued
         times.append(time.perf_counter() - start)
