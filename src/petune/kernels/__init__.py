@@ -1,4 +1,5 @@
-"""Memory-saving replacements for a frozen base model's RMSNorm and SwiGLU, on by default in `PeftModel`.
+"""Memory-saving replacements for a frozen base model's RMSNorm and SwiGLU, and a faster causal attention for
+bf16 training on a CPU (`attention.py`, which trades memory for time: see there), on by default in `PeftModel`.
 
 Autograd keeps, per decoder layer, what each small operation needs for its own gradient: RMSNorm's fp32 copy
 of its input, and for the gated MLP gate, silu(gate) and up. The custom autograd functions here keep only
@@ -10,7 +11,8 @@ what the gradient of the whole block needs and recompute the cheap elementwise r
 Outputs are bit-identical to transformers'; input gradients equal them to rounding (tests/kernels).
 
 `enable(model)` patches instances, never classes: a recognised module inside a decoder layer gets a
-`forward` attribute of its own, which `disable(model)` deletes again, leaving stock transformers modules. A
+`forward` attribute of its own, which `disable(model)` deletes again, leaving stock transformers modules; a
+model on transformers' "sdpa" attention is switched to `attention.KERNEL_ATTENTION` and back. A
 norm whose weight trains, any call without gradients (generation, evaluation) and any decoder layer under
 gradient checkpointing (where they save nothing: see `PatchedForward`) run the class's own forward. The
 functions keep no state between calls, so they are safe to recompute (reentrant or not).
@@ -32,6 +34,7 @@ import os
 from torch import nn
 from transformers.modeling_layers import GradientCheckpointingLayer
 
+from petune.kernels.attention import KERNEL_ATTENTION
 from petune.kernels.base import PatchedForward
 from petune.kernels.rms_norm import RMSNormForward, RMSNormFunction
 from petune.kernels.swiglu import SwiGLUFunction, SwiGLUMLPForward, is_silu
@@ -70,6 +73,7 @@ def enable(model: nn.Module) -> int:
     """Give every recognised RMSNorm and SiLU-gated MLP inside `model`'s decoder layers its memory-saving
     forward; returns how many modules were patched (0 for an architecture petune does not recognise).
     Idempotent."""
+    _switch_attention(model, "sdpa", KERNEL_ATTENTION)
     # The innermost decoder layer around each module (modules() lists outer modules first). Only modules inside
     # one are patched: the final norm would save ~nothing (one norm of 2L + 1) and, measured, it shifted glibc's
     # heap fragmentation by +50-80 MB of peak RSS under gradient checkpointing.
@@ -98,12 +102,25 @@ def enable(model: nn.Module) -> int:
 
 def disable(model: nn.Module) -> int:
     """Undo `enable`: every patched module runs its class's forward again; returns how many were restored."""
+    _switch_attention(model, KERNEL_ATTENTION, "sdpa")
     restored = 0
     for module in model.modules():
         if isinstance(vars(module).get("forward"), PatchedForward):
             del module.forward
             restored += 1
     return restored
+
+
+def _switch_attention(model: nn.Module, current: str, new: str) -> None:
+    """Point a model whose attention goes through transformers' attention interface from `current` to `new`."""
+    config = getattr(model, "config", None)
+    if (
+        config is not None
+        and getattr(model, "_supports_attention_backend", False)
+        and config.get_text_config() is config
+        and config._attn_implementation == current
+    ):
+        config._attn_implementation = new
 
 
 def is_enabled(model: nn.Module) -> bool:

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from petune.kernels import enabled_by_default
+from petune.kernels import attention, enabled_by_default
 from petune.plan.architectures import Architecture
 from petune.plan.counts import adapter_params, largest_trainable_tensor, linear_shapes, total_params
 from petune.plan.gpus import Device
@@ -109,6 +109,23 @@ def uses_kernels(setup: Setup) -> bool:
     return setup.method != "full" and not setup.gradient_checkpointing and enabled_by_default()
 
 
+def blocked_attention(setup: Setup, device_kind: str) -> bool:
+    """Whether the layers' attention runs petune's blocked kernel (`petune.kernels.attention`), which keeps the
+    attention probabilities: in a PeftModel, in bf16 on a CPU, up to its maximum length (checkpointing too)."""
+    return (
+        device_kind == "cpu"
+        and setup.precision != "fp32"
+        and setup.method != "full"
+        and enabled_by_default()
+        and attention_length(setup) <= attention.MAX_LENGTH
+    )
+
+
+def attention_length(setup: Setup) -> int:
+    """Positions in each row's attention: the sequence and the virtual tokens (in the input or the cache)."""
+    return setup.seq_len + setup.virtual_in_input + setup.virtual_in_cache
+
+
 def norm_bytes(arch: Architecture, setup: Setup, kernel: bool) -> int:
     """Bytes per token one RMSNorm keeps: transformers' keeps its input upcast to fp32 (4h) and 1/rms (4), and
     under full fine-tuning the normalised input for the weight's gradient (a h); petune's kernel keeps the input
@@ -119,7 +136,7 @@ def norm_bytes(arch: Architecture, setup: Setup, kernel: bool) -> int:
     return FP32 * h + FP32 + (a * h if setup.method == "full" else 0)
 
 
-def layer_activation_bytes(arch: Architecture, setup: Setup) -> int:
+def layer_activation_bytes(arch: Architecture, setup: Setup, device_kind: str = "cuda") -> int:
     """Bytes one decoder layer keeps for backward, for a batch of `batch_size x seq_len` tokens.
 
     Per token (a = 2 or 4 bytes; h hidden, q and kv the projection widths, i intermediate, r LoRA rank):
@@ -128,7 +145,8 @@ def layer_activation_bytes(arch: Architecture, setup: Setup) -> int:
                      adapter (o_proj's input is the attention output, kept anyway); with petune's kernels in
                      fp32 the norm before q/k/v and gate/up keeps its output, which is that input
       attention      q, k, v and the output (a (2q + 2kv)) and the softmax log-sum-exp (4 per head);
-                     never the s x s matrix (SDPA / flash attention)
+                     never the s x s matrix (SDPA / flash attention). In bf16 on a CPU petune's blocked kernel
+                     keeps the probabilities too (`petune.kernels.attention.saved_bytes`)
       gated MLP      gate output, SiLU output, up output (3 a i); petune's SwiGLU kernel keeps gate and up (2 a i)
       adapters       LoRA: A's output (a r) per adapted layer; DoRA also the base and low-rank outputs (2 a out).
                      petune's adapters are fp32; LoRA keeps the 16-bit input itself for A's gradient
@@ -141,7 +159,7 @@ def layer_activation_bytes(arch: Architecture, setup: Setup) -> int:
     kv_tokens = tokens + batch * setup.virtual_in_cache
     shapes = linear_shapes(arch)
     per_token = 2 * norm_bytes(arch, setup, kernels)
-    per_token += 2 * a * arch.q_dim + FP32 * arch.num_heads + (2 if kernels else 3) * a * i
+    per_token += (2 if kernels else 3) * a * i
     if setup.method != "dora" or setup.precision == "fp32":  # layers sharing an input keep one copy of it
         trains = set(shapes) if setup.method == "full" else set(setup.adapted)
         if not (kernels and setup.precision == "fp32"):  # there the norm's kept output is that input
@@ -160,7 +178,12 @@ def layer_activation_bytes(arch: Architecture, setup: Setup) -> int:
     casts = 0
     if setup.precision == "bf16-mixed":
         casts = sum(2 * setup.lora_r * (shapes[t][1] + shapes[t][0] * (setup.method == "dora")) for t in setup.adapted)
-    return tokens * per_token + kv_tokens * 2 * a * arch.kv_dim + casts
+    if blocked_attention(setup, device_kind):
+        heads, length = (arch.num_heads, arch.num_kv_heads), attention_length(setup)
+        kept = attention.saved_bytes(batch, *heads, length, arch.head_dim)
+    else:
+        kept = tokens * (2 * a * arch.q_dim + FP32 * arch.num_heads) + kv_tokens * 2 * a * arch.kv_dim
+    return tokens * per_token + kept + casts
 
 
 def layer_backward_bytes(arch: Architecture, setup: Setup) -> int:
@@ -198,7 +221,7 @@ def plan(arch: Architecture, setup: Setup, device: Device) -> Plan:
     scratch = optimizer_scratch_bytes(arch, setup, device)
     tokens = setup.batch_size * (setup.seq_len + setup.virtual_in_input)
     final_norm = tokens * norm_bytes(arch, setup, kernel=False)
-    per_layer, backward = layer_activation_bytes(arch, setup), layer_backward_bytes(arch, setup)
+    per_layer, backward = layer_activation_bytes(arch, setup, device.kind), layer_backward_bytes(arch, setup)
     if setup.gradient_checkpointing:  # each layer keeps its input; backward recomputes one layer at a time
         saved, layer_peak = arch.num_layers * tokens * a * arch.hidden_size, per_layer + backward
     else:

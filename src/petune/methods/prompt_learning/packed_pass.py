@@ -12,8 +12,8 @@ all of them at once, and only attention knows the layout:
 `packed_attention` (registered with transformers' `AttentionInterface`) lets the virtual tokens attend
 causally to each other and each row's tokens to the virtual tokens and to its own earlier tokens: exactly the
 attention of the per-row sequence [virtual, row], which is how it computes it (`Packing.attend`). Without a
-`Packing` in its arguments it is transformers' SDPA attention unchanged, so the model keeps it once switched
-to it (generation, the base model alone); `PeftModel.unload()` switches back.
+`Packing` in its arguments it is transformers' SDPA attention (`petune.kernels.attention.sdpa_forward`), so
+the model keeps it once switched to it (generation, the base model alone); `PeftModel.unload()` switches back.
 A forward hook on the decoder unpacks its output to (B, V + T, H), the virtual positions broadcast over the
 rows, so the head, the loss, `logits_to_keep` and `output_hidden_states` see the per-row layout.
 
@@ -34,9 +34,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from petune.kernels.attention import KERNEL_ATTENTION, causal_attention, sdpa_forward
 from petune.methods.prompt_learning.cache import input_shape, labels_behind_virtual
 from petune.methods.prompt_learning.config import PromptLearningConfig
 from petune.methods.prompt_learning.encoder import VirtualTokenEncoder
@@ -66,16 +66,14 @@ class Packing:
         runs `is_causal` over (V + T)^2 / 2 scores, where the rows' queries alone would need an explicit mask
         over T x (V + T) scores (twice the work on CPU); the virtual tokens' output is taken from the first row.
         """
-        out = F.scaled_dot_product_attention(
-            self.per_row(query),
-            self.per_row(key),
-            self.per_row(value),
-            attn_mask=self.mask,
-            dropout_p=dropout,
-            is_causal=self.mask is None,
-            scale=scale,
-            enable_gqa=query.shape[1] != key.shape[1],
-        ).transpose(1, 2)  # (B, V + T, heads, head_dim)
+        query, key, value = self.per_row(query), self.per_row(key), self.per_row(value)
+        if self.mask is None:
+            out = causal_attention(query, key, value, dropout, scale)
+        else:
+            out = F.scaled_dot_product_attention(
+                query, key, value, self.mask, dropout, scale=scale, enable_gqa=query.shape[1] != key.shape[1]
+            )
+        out = out.transpose(1, 2)  # (B, V + T, heads, head_dim)
         virtual, rows = out.split([self.virtual, self.length], dim=1)
         return torch.cat([virtual[:1], rows.reshape(1, self.rows * self.length, *out.shape[2:])], dim=1)
 
@@ -105,10 +103,11 @@ def packed_attention(
     petune_prefix: int | None = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
-    """transformers' SDPA attention, or the packed layout's when the call carries a `Packing`, or causal
-    attention behind a prefix of `petune_prefix` keys (prefix tuning, rows without padding)."""
+    """transformers' SDPA attention (with `petune.kernels.attention`'s exception), or the packed layout's when
+    the call carries a `Packing`, or causal attention behind a prefix of `petune_prefix` keys (prefix tuning,
+    rows without padding)."""
     if petune_packing is None and petune_prefix is None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+        return sdpa_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
     unsupported = [name for name in _UNSUPPORTED if kwargs.get(name) is not None]
     if unsupported:
         raise ValueError(f"petune's packed prompt-method attention does not support {unsupported}")
@@ -129,9 +128,7 @@ def attend_behind_prefix(
     if key.shape[2] != virtual + query.shape[2]:
         raise ValueError(f"expected {virtual} prefix keys before the {query.shape[2]} queries' own, got {key.shape[2]}")
     padded = torch.cat([query.new_zeros(*query.shape[:2], virtual, query.shape[3]), query], dim=2)
-    out = F.scaled_dot_product_attention(
-        padded, key, value, dropout_p=dropout, is_causal=True, scale=scale, enable_gqa=query.shape[1] != key.shape[1]
-    )
+    out = causal_attention(padded, key, value, dropout, scale)
     return out.split([virtual, query.shape[2]], dim=2)[1].transpose(1, 2)  # (B, T, heads, d)
 
 
@@ -155,7 +152,7 @@ def takes_packed_attention(model: nn.Module) -> bool:
     return (
         config is not None
         and getattr(model, "_supports_attention_backend", False)
-        and config._attn_implementation in ("sdpa", PACKED_ATTENTION)
+        and config._attn_implementation in ("sdpa", KERNEL_ATTENTION, PACKED_ATTENTION)
         and config.get_text_config() is config
         and not _sliding_window(config)
     )
@@ -222,7 +219,7 @@ def use_packed_attention(model: nn.Module) -> None:
 
 
 def restore_attention(model: nn.Module) -> None:
-    """Put back the model's SDPA attention (unloading the adapter)."""
+    """Put back the model's SDPA attention (unloading the adapter; `petune.kernels.disable` ran already)."""
     config = getattr(model, "config", None)
     if config is not None and config._attn_implementation == PACKED_ATTENTION:
         config._attn_implementation = "sdpa"

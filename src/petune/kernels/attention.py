@@ -1,0 +1,201 @@
+"""Causal self-attention for bf16 training on a CPU: matrix products over query blocks, probabilities kept.
+
+torch's CPU flash attention (what SDPA runs there) keeps only each row's log-sum-exp and recomputes the
+scores in backward, and runs well below the machine's matmul speed. `BlockedCausalAttention` does the same
+attention as batched matrix products, in blocks of up to `BLOCK_ROWS` query rows, each against the keys up
+to its last row only (about (n + 1) / 2n of the square for n blocks), the query heads that share a key head
+together (grouped-query attention without repeating keys and values):
+
+    forward   scores in fp32 (bf16 queries and keys upcast), scaled, masked, softmax in fp32; the
+              probabilities kept in bf16, as flash attention on a GPU feeds them to its P V product
+    backward  dV = P^T dO, dP = dO V^T in fp32, dS = P (dP - rowsum(dO * O)), dQ = dS K, dK = dS^T Q
+
+so backward needs no scores. It costs memory: the probabilities, B x heads x ~T^2 / 2 x 2 bytes a layer
+(`saved_bytes`; SmolLM2, batch 4 x 256: 6.7 MB a layer where SDPA keeps 3.2 MB, +105 MB over 30 layers), so it
+runs only up to `MAX_LENGTH` positions. `python benchmarks/attention.py` (SmolLM2's heads, batch 4, forward +
+backward, 2 cores): bf16 0.64-0.78x SDPA's time from 128 to 512 positions (0.84x at 1024), gradients as
+close to fp64 as SDPA's own bf16 ones; one SmolLM2 LoRA step in bf16, 4 x 256, alternating in one process:
+0.93-0.97x. In fp32 the step gained 3.5% for about twice the extra memory, so fp32 stays with SDPA.
+
+It takes a call only when all of these hold, and leaves every other call to SDPA: CPU, bf16, gradients
+being recorded, causal with no mask (no padding), query length = key length, no dropout, 2 to `MAX_LENGTH`
+positions, and the kernels on (`PETUNE_KERNELS` not 0). tests/kernels/test_attention.py checks it against
+SDPA (exact in fp32, to bf16 rounding in bf16) and where it runs.
+
+`sdpa_forward` is transformers' SDPA attention with that exception, registered with transformers'
+`AttentionInterface` as `KERNEL_ATTENTION`; `petune.kernels.enable` switches a model from "sdpa" to it, the
+prompt methods' packed attention (`petune.methods.prompt_learning.packed_pass`) calls it.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+KERNEL_ATTENTION = "petune_sdpa"
+BLOCK_ROWS = 128
+MAX_LENGTH = 512
+DTYPES = (torch.bfloat16,)
+_SDPA_ONLY = ("softcap", "position_bias", "s_aux")  # attention variants the blocked kernel does not do
+
+
+def takes(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, dropout: float) -> bool:
+    """Whether causal attention over these (B, heads, T, d) tensors runs blocked (see the module's doc)."""
+    from petune.kernels import enabled_by_default
+
+    length = query.shape[2]
+    return (
+        query.device.type == "cpu"
+        and query.dtype in DTYPES
+        and query.dtype == key.dtype == value.dtype
+        and torch.is_grad_enabled()
+        and (query.requires_grad or key.requires_grad or value.requires_grad)
+        and dropout == 0.0
+        and key.shape[2] == length
+        and 1 < length <= MAX_LENGTH
+        and query.shape[1] % key.shape[1] == 0
+        and enabled_by_default()
+    )
+
+
+def causal_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, dropout: float = 0.0, scale: float | None = None
+) -> torch.Tensor:
+    """Causal attention of (B, heads, T, d) queries over (B, kv_heads, T, d) keys and values: the blocked
+    kernel where it applies, else SDPA. (B, heads, T, d) out."""
+    if takes(query, key, value, dropout):
+        scale = query.shape[-1] ** -0.5 if scale is None else scale
+        out: torch.Tensor = BlockedCausalAttention.apply(query, key, value, scale)
+        return out
+    return F.scaled_dot_product_attention(
+        query, key, value, dropout_p=dropout, is_causal=True, scale=scale, enable_gqa=query.shape[1] != key.shape[1]
+    )
+
+
+def sdpa_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """transformers' SDPA attention, but causal unmasked training calls in bf16 on a CPU run blocked."""
+    causal = kwargs.get("is_causal")
+    causal = getattr(module, "is_causal", True) if causal is None else causal
+    if (
+        causal
+        and attention_mask is None
+        and not any(kwargs.get(name) is not None for name in _SDPA_ONLY)
+        and takes(query, key, value, dropout)
+    ):
+        scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+        return BlockedCausalAttention.apply(query, key, value, scale).transpose(1, 2).contiguous(), None
+    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+
+
+AttentionInterface.register(KERNEL_ATTENTION, sdpa_forward)
+AttentionMaskInterface.register(KERNEL_ATTENTION, sdpa_mask)
+
+
+def saved_bytes(batch: int, heads: int, kv_heads: int, length: int, head_dim: int) -> int:
+    """What one call keeps for backward in bf16: queries, keys, values and the output, and the probabilities of
+    every block (its rows x the keys up to its end, for each query head)."""
+    probabilities = sum((end - start) * end for start, end, _ in _blocks(length, 1))
+    return 2 * batch * (2 * (heads + kv_heads) * length * head_dim + heads * probabilities)
+
+
+@functools.lru_cache(maxsize=64)
+def _blocks(length: int, group: int) -> tuple[tuple[int, int, torch.Tensor], ...]:
+    """(first row, end row, additive causal mask) of each query block: the mask is the rows' over keys
+    [0, end), repeated for the `group` query heads that share a key head."""
+    count = -(-length // BLOCK_ROWS)
+    ends = [round(length * (n + 1) / count) for n in range(count)]
+    blocks = []
+    for start, end in zip([0, *ends[:-1]], ends, strict=True):
+        future = torch.ones(end - start, end, dtype=torch.bool).triu_(start + 1)
+        mask = torch.zeros(end - start, end).masked_fill_(future, float("-inf"))
+        blocks.append((start, end, mask.repeat(group, 1)))
+    return tuple(blocks)
+
+
+class BlockedCausalAttention(torch.autograd.Function):
+    """softmax(scale Q K^T + causal mask) V for q (B, H, T, d) and k, v (B, KV, T, d), H a multiple of KV.
+
+    The G = H / KV query heads that share a key head go through it together: one (G x rows, d) block of
+    queries against (keys, d), so keys and values are never repeated per query head.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float) -> torch.Tensor:
+        batch, heads, length, dim = query.shape
+        kv_heads = key.shape[1]
+        group = heads // kv_heads
+        q = query.reshape(batch, kv_heads, group, length, dim)
+        k = key.reshape(batch * kv_heads, length, dim)
+        v = value.reshape(batch * kv_heads, length, dim)
+        # (B, H, T, d) on a (B, T, H, d) buffer: the layout the output projection takes, so that transformers'
+        # transpose(1, 2).contiguous() after attention is free and one tensor serves it and this backward
+        out = query.new_empty(batch, length, heads, dim)
+        probs = []
+        with torch.autocast("cpu", enabled=False):
+            k32 = k.float()
+            for start, end, mask in _blocks(length, group):
+                rows = _gather(q, start, end, torch.float32)
+                scores = torch.baddbmm(mask, rows, k32[:, :end].transpose(1, 2), alpha=scale)
+                p = torch.softmax(scores, dim=-1).to(query.dtype)
+                _scatter(torch.bmm(p, v[:, :end]), out, start, end)
+                probs.append(p)
+        result = out.transpose(1, 2)
+        ctx.save_for_backward(q, k, v, result, *probs)
+        ctx.scale = scale
+        return result
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, None]:
+        q, k, v, out, *probs = ctx.saved_tensors
+        batch, kv_heads, group, length, dim = q.shape
+        # rowsum(dO * O) = rowsum(dP * P): the softmax's backward without the scores
+        delta = torch.einsum("bhld,bhld->bhl", grad.float(), out.float())
+        delta = delta.view(batch, kv_heads, group, length, 1)
+        grad_queries = grad.reshape(batch, kv_heads, group, length, dim)
+        grad_q = torch.empty_like(q)
+        grad_k = grad_v = k  # placeholders: the last block, which sees every key, writes them first
+        v32 = v.float()
+        for start, end, _ in reversed(_blocks(length, group)):
+            p = probs.pop()
+            rows, grad_rows = _gather(q, start, end), _gather(grad_queries, start, end)
+            grad_rows32 = _gather(grad_queries, start, end, torch.float32)
+            grad_p = torch.bmm(grad_rows32, v32[:, :end].transpose(1, 2))  # dP in fp32, as flash attention has it
+            grad_s = grad_p.sub_(_gather(delta, start, end)).mul_(p).mul_(ctx.scale).to(q.dtype)
+            grad_q[:, :, :, start:end] = torch.bmm(grad_s, k[:, :end]).view(batch, kv_heads, group, end - start, dim)
+            if end == length:
+                grad_v = torch.bmm(p.transpose(1, 2), grad_rows)
+                grad_k = torch.bmm(grad_s.transpose(1, 2), rows)
+            else:
+                grad_v[:, :end].baddbmm_(p.transpose(1, 2), grad_rows)
+                grad_k[:, :end].baddbmm_(grad_s.transpose(1, 2), rows)
+        kv_shape = (batch, kv_heads, length, dim)
+        return grad_q.view(batch, -1, length, dim), grad_k.view(kv_shape), grad_v.view(kv_shape), None
+
+
+def _gather(tensor: torch.Tensor, start: int, end: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Rows [start, end) of (B, KV, G, T, x) as (B x KV, G x rows, x): one key head's queries, head after head."""
+    batch, kv_heads, group, _, width = tensor.shape
+    rows = tensor[:, :, :, start:end]
+    return rows.to(dtype or rows.dtype).reshape(batch * kv_heads, group * (end - start), width)
+
+
+def _scatter(block: torch.Tensor, out: torch.Tensor, start: int, end: int) -> None:
+    """Write a (B x KV, G x rows, d) block into rows [start, end) of the (B, T, H, d) output."""
+    batch, _, heads, dim = out.shape
+    out[:, start:end] = block.view(batch, heads, end - start, dim).transpose(1, 2)
