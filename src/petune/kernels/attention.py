@@ -11,11 +11,11 @@ together (grouped-query attention without repeating keys and values):
     backward  dV = P^T dO, dP = dO V^T in fp32, dS = P (dP - rowsum(dO * O)), dQ = dS K, dK = dS^T Q
 
 so backward needs no scores. It costs memory: the probabilities, B x heads x ~T^2 / 2 x 2 bytes a layer
-(`saved_bytes`; SmolLM2, batch 4 x 256: 6.7 MB a layer where SDPA keeps 3.2 MB, +105 MB over 30 layers), so it
+(`saved_bytes`; SmolLM2, batch 4 x 256: 6.1 MB a layer where SDPA keeps 3.2 MB, +87 MB over 30 layers), so it
 runs only up to `MAX_LENGTH` positions. `python benchmarks/attention.py` (SmolLM2's heads, batch 4, forward +
-backward, 2 cores): bf16 0.64-0.78x SDPA's time from 128 to 512 positions (0.84x at 1024), gradients as
-close to fp64 as SDPA's own bf16 ones; one SmolLM2 LoRA step in bf16, 4 x 256, alternating in one process:
-0.93-0.97x. In fp32 the step gained 3.5% for about twice the extra memory, so fp32 stays with SDPA.
+backward, 2 cores): bf16 0.44-0.63x SDPA's time from 128 to 512 positions (0.71x at 1024), gradients as
+close to fp64 as SDPA's own bf16 ones. A whole SmolLM2 LoRA step in bf16, 4 x 256, is in BENCHMARKS.md. In
+fp32 (128-row blocks) a LoRA step gained 3.5% for twice the extra memory, so fp32 stays with SDPA.
 
 It takes a call only when all of these hold, and leaves every other call to SDPA: CPU, bf16, gradients
 being recorded, causal with no mask (no padding), query length = key length, no dropout, 2 to `MAX_LENGTH`
@@ -40,7 +40,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 KERNEL_ATTENTION = "petune_sdpa"
-BLOCK_ROWS = 128
+BLOCK_ROWS = 64
 MAX_LENGTH = 512
 DTYPES = (torch.bfloat16,)
 _SDPA_ONLY = ("softcap", "position_bias", "s_aux")  # attention variants the blocked kernel does not do
