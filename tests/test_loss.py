@@ -166,3 +166,40 @@ def test_every_chunk_reuses_one_logits_buffer(dtype, buffers):
     with mode:
         causal_lm_loss(model, batch, chunk_size=4)
     assert len({t.untyped_storage().data_ptr() for t in mode.kept}) == buffers
+
+
+def _seen_masks(model, batch):
+    """The attention masks the model's forward receives during `causal_lm_loss`, and the loss."""
+    seen = []
+    hook = model.register_forward_pre_hook(
+        lambda _m, _a, kwargs: seen.append(kwargs.get("attention_mask")), with_kwargs=True
+    )
+    try:
+        loss = causal_lm_loss(model, batch)
+    finally:
+        hook.remove()
+    return seen, loss
+
+
+@pytest.mark.parametrize("case", ["right", "left", "label after padding", "no padding"])
+def test_right_padding_runs_without_a_mask_only_where_that_changes_no_loss(case):
+    """Right padding that no label reads is dropped (plain causal attention); anything else keeps the mask.
+    The loss is the model's own `labels=` loss with the mask either way."""
+    batch = _batch()
+    mask, labels = batch["attention_mask"], batch["labels"]
+    if case == "left":
+        mask[0] = mask[0].flip(0)
+        labels[0] = torch.where(mask[0] == 1, batch["input_ids"][0], -100)
+    elif case == "label after padding":
+        labels[0, -1] = batch["input_ids"][0, -1]
+    elif case == "no padding":
+        mask.fill_(1)
+    model = _llama()
+    expected = model(**batch).loss
+    seen, loss = _seen_masks(model, batch)
+    torch.testing.assert_close(loss, expected, rtol=1e-6, atol=1e-6)
+    assert len(seen) == 1
+    if case == "right":
+        assert seen[0] is None
+    else:
+        assert seen[0] is batch["attention_mask"]

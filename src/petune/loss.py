@@ -44,7 +44,7 @@ def causal_lm_loss(
             instead of this batch's label count.
     """
     labels: torch.Tensor = batch["labels"]
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    inputs = without_right_padding_mask({k: v for k, v in batch.items() if k != "labels"}, labels)
     inner = model.module if isinstance(model, DistributedDataParallel) else model  # DDP: hooks go on the model
     decoder: nn.Module = inner.get_decoder()  # type: ignore[operator]
     head: nn.Module = inner.get_output_embeddings()  # type: ignore[operator]
@@ -92,6 +92,28 @@ def causal_lm_loss(
             piece = slice(start, start + chunk_size)
             total = total + checkpoint(_chunk_loss, head, selected[piece], targets[piece], use_reentrant=False)
     return total / max(count, 1)
+
+
+def without_right_padding_mask(inputs: dict[str, Any], labels: torch.Tensor) -> dict[str, Any]:
+    """`inputs` without their attention mask when it only marks right padding that no label depends on.
+
+    In a causal model a position sees only earlier ones, so with every row's padding at its end each real
+    position attends to real positions only, mask or not; only the padded positions' outputs change, and a
+    label is scored from the output before it. So when no label follows a padded position, the loss and its
+    gradients are the same without the mask, and attention runs as plain causal attention (SDPA's `is_causal`,
+    petune's bf16 kernel) rather than over an explicit mask, which the CPU kernels compute in full.
+    Left padding, gaps, explicit position ids and labels after padding keep the mask.
+    """
+    mask = inputs.get("attention_mask")
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 2 or inputs.get("position_ids") is not None:
+        return inputs
+    if mask.shape != labels.shape or bool(mask.all()):
+        return inputs
+    right_padded = bool((mask[:, 1:] <= mask[:, :-1]).all())
+    unread = bool((labels[:, 1:][mask[:, :-1] == 0] == IGNORE_INDEX).all())
+    if not (right_padded and unread):
+        return inputs
+    return {k: v for k, v in inputs.items() if k != "attention_mask"}
 
 
 def _chunk_loss(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -111,7 +111,8 @@ def uses_kernels(setup: Setup) -> bool:
 
 def blocked_attention(setup: Setup, device_kind: str) -> bool:
     """Whether the layers' attention runs petune's blocked kernel (`petune.kernels.attention`), which keeps the
-    attention probabilities: in a PeftModel, in bf16 on a CPU, up to its maximum length (checkpointing too)."""
+    attention probabilities: in a PeftModel, in bf16 on a CPU, up to its maximum length (checkpointing too).
+    fp16, which the plan sizes as bf16, runs SDPA: for it on a CPU the plan counts the probabilities too."""
     return (
         device_kind == "cpu"
         and setup.precision != "fp32"
