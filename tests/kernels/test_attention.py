@@ -178,3 +178,22 @@ def test_prompt_methods_take_it_too(config: Any, monkeypatch: pytest.MonkeyPatch
 def test_causal_attention_falls_back_to_sdpa() -> None:
     q, k, v = qkv(4, 2, 6, torch.float32)
     torch.testing.assert_close(causal_attention(q, k, v), sdpa(q, k, v))
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_gradient_checkpointing_recomputes_it_with_the_same_gradients(
+    reentrant: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Checkpointed layers run it again in backward (reentrant: the first, gradient-free forward runs SDPA)."""
+    batch = build_batch(pad=False, length=12)
+    _, expected = lora_loss_and_gradients(lora_model("llama", kernels_on=True, monkeypatch=monkeypatch), batch)
+    model = lora_model("llama", kernels_on=True, monkeypatch=monkeypatch)
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": reentrant})
+    calls = count_calls(monkeypatch)
+    _, grads = lora_loss_and_gradients(model, batch)
+    layers = model.config.num_hidden_layers
+    assert len(calls) == (1 if reentrant else 2) * layers  # reentrant: only the recomputation records gradients
+    assert grads.keys() == expected.keys() and grads
+    for name, grad in expected.items():
+        scale = grad.abs().max()
+        torch.testing.assert_close(grads[name] / scale, grad / scale, rtol=5e-2, atol=5e-2)
