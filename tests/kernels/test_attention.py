@@ -70,6 +70,7 @@ def test_takes_only_cpu_bf16_training_calls(monkeypatch: pytest.MonkeyPatch) -> 
     assert not takes(q, k, v, 0.1)  # dropout
     assert not takes(q.float(), k.float(), v.float(), 0.0)  # fp32: SDPA was as fast
     assert not takes(q, k[:, :, :8], v[:, :, :8], 0.0)  # keys not the queries' own positions
+    assert not takes(q, k, v[..., :8], 0.0)  # values of another head size
     with torch.no_grad():
         assert not takes(q, k, v, 0.0)  # inference keeps nothing for backward: SDPA
     detached = [t.detach() for t in (q, k, v)]

@@ -18,9 +18,10 @@ close to fp64 as SDPA's own bf16 ones. A whole SmolLM2 LoRA step in bf16, 4 x 25
 fp32 (128-row blocks) a LoRA step gained 3.5% for twice the extra memory, so fp32 stays with SDPA.
 
 It takes a call only when all of these hold, and leaves every other call to SDPA: CPU, bf16, gradients
-being recorded, causal with no mask (no padding), query length = key length, no dropout, 2 to `MAX_LENGTH`
-positions, and the kernels on (`PETUNE_KERNELS` not 0). tests/kernels/test_attention.py checks it against
-SDPA (exact in fp32, to bf16 rounding in bf16) and where it runs.
+being recorded, causal with no mask (no padding), query length = key length, one head size for queries, keys
+and values, no dropout, 2 to `MAX_LENGTH` positions, and the kernels on (`PETUNE_KERNELS` not 0).
+tests/kernels/test_attention.py checks it against SDPA (exact in fp32, to bf16 rounding in bf16) and where it
+runs.
 
 `sdpa_forward` is transformers' SDPA attention with that exception, registered with transformers'
 `AttentionInterface` as `KERNEL_ATTENTION`; `petune.kernels.enable` switches a model from "sdpa" to it, the
@@ -61,6 +62,7 @@ def takes(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, dropout: 
         and key.shape[2] == length
         and 1 < length <= MAX_LENGTH
         and query.shape[1] % key.shape[1] == 0
+        and query.shape[3] == key.shape[3] == value.shape[3]  # one head size (not MLA's wider keys)
         and enabled_by_default()
     )
 
