@@ -34,7 +34,7 @@ import os
 from torch import nn
 from transformers.modeling_layers import GradientCheckpointingLayer
 
-from petune.kernels.attention import KERNEL_ATTENTION
+from petune.kernels.attention import KERNEL_ATTENTION, interface_config
 from petune.kernels.base import PatchedForward
 from petune.kernels.rms_norm import RMSNormForward, RMSNormFunction
 from petune.kernels.swiglu import SwiGLUFunction, SwiGLUMLPForward, is_silu
@@ -113,13 +113,8 @@ def disable(model: nn.Module) -> int:
 
 def _switch_attention(model: nn.Module, current: str, new: str) -> None:
     """Point a model whose attention goes through transformers' attention interface from `current` to `new`."""
-    config = getattr(model, "config", None)
-    if (
-        config is not None
-        and getattr(model, "_supports_attention_backend", False)
-        and config.get_text_config() is config
-        and config._attn_implementation == current
-    ):
+    config = interface_config(model)
+    if config is not None and config._attn_implementation == current:
         config._attn_implementation = new
 
 

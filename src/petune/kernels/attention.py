@@ -73,9 +73,7 @@ def causal_attention(
     """Causal attention of (B, heads, T, d) queries over (B, kv_heads, T, d) keys and values: the blocked
     kernel where it applies, else SDPA. (B, heads, T, d) out."""
     if takes(query, key, value, dropout):
-        scale = query.shape[-1] ** -0.5 if scale is None else scale
-        out: torch.Tensor = BlockedCausalAttention.apply(query, key, value, scale)
-        return out
+        return _blocked(query, key, value, scale)
     return F.scaled_dot_product_attention(
         query, key, value, dropout_p=dropout, is_causal=True, scale=scale, enable_gqa=query.shape[1] != key.shape[1]
     )
@@ -100,9 +98,24 @@ def sdpa_forward(
         and not any(kwargs.get(name) is not None for name in _SDPA_ONLY)
         and takes(query, key, value, dropout)
     ):
-        scale = query.shape[-1] ** -0.5 if scaling is None else scaling
-        return BlockedCausalAttention.apply(query, key, value, scale).transpose(1, 2).contiguous(), None
+        return _blocked(query, key, value, scaling).transpose(1, 2).contiguous(), None
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+
+
+def _blocked(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float | None) -> torch.Tensor:
+    """`BlockedCausalAttention` with SDPA's default scale, 1 / sqrt(head size)."""
+    out: torch.Tensor = BlockedCausalAttention.apply(
+        query, key, value, query.shape[-1] ** -0.5 if scale is None else scale
+    )
+    return out
+
+
+def interface_config(model: nn.Module) -> Any:
+    """The config of a text model whose attention goes through transformers' attention interface, else None."""
+    config = getattr(model, "config", None)
+    if config is None or not getattr(model, "_supports_attention_backend", False):
+        return None
+    return config if config.get_text_config() is config else None
 
 
 AttentionInterface.register(KERNEL_ATTENTION, sdpa_forward)
@@ -112,18 +125,23 @@ AttentionMaskInterface.register(KERNEL_ATTENTION, sdpa_mask)
 def saved_bytes(batch: int, heads: int, kv_heads: int, length: int, head_dim: int) -> int:
     """What one call keeps for backward in bf16: queries, keys, values and the output, and the probabilities of
     every block (its rows x the keys up to its end, for each query head)."""
-    probabilities = sum((end - start) * end for start, end, _ in _blocks(length, 1))
+    probabilities = sum((end - start) * end for start, end in _bounds(length))
     return 2 * batch * (2 * (heads + kv_heads) * length * head_dim + heads * probabilities)
+
+
+def _bounds(length: int) -> list[tuple[int, int]]:
+    """(first row, end row) of each query block: as few blocks of at most `BLOCK_ROWS` rows as cover `length`."""
+    count = -(-length // BLOCK_ROWS)
+    ends = [round(length * (n + 1) / count) for n in range(count)]
+    return list(zip([0, *ends[:-1]], ends, strict=True))
 
 
 @functools.lru_cache(maxsize=64)
 def _blocks(length: int, group: int) -> tuple[tuple[int, int, torch.Tensor], ...]:
     """(first row, end row, additive causal mask) of each query block: the mask is the rows' over keys
     [0, end), repeated for the `group` query heads that share a key head."""
-    count = -(-length // BLOCK_ROWS)
-    ends = [round(length * (n + 1) / count) for n in range(count)]
     blocks = []
-    for start, end in zip([0, *ends[:-1]], ends, strict=True):
+    for start, end in _bounds(length):
         future = torch.ones(end - start, end, dtype=torch.bool).triu_(start + 1)
         mask = torch.zeros(end - start, end).masked_fill_(future, float("-inf"))
         blocks.append((start, end, mask.repeat(group, 1)))
@@ -176,8 +194,7 @@ class BlockedCausalAttention(torch.autograd.Function):
         for start, end, _ in reversed(_blocks(length, group)):
             p = probs.pop()
             rows, grad_rows = _gather(q, start, end), _gather(grad_queries, start, end)
-            grad_rows32 = _gather(grad_queries, start, end, torch.float32)
-            grad_p = torch.bmm(grad_rows32, v32[:, :end].transpose(1, 2))  # dP in fp32, as flash attention has it
+            grad_p = torch.bmm(grad_rows.float(), v32[:, :end].transpose(1, 2))  # dP in fp32, as flash attention has it
             grad_s = grad_p.sub_(_gather(delta, start, end)).mul_(p).mul_(ctx.scale).to(q.dtype)
             grad_q[:, :, :, start:end] = torch.bmm(grad_s, k[:, :end]).view(batch, kv_heads, group, end - start, dim)
             if end == length:

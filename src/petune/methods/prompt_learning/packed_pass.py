@@ -36,7 +36,7 @@ from torch import nn
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from petune.kernels.attention import KERNEL_ATTENTION, causal_attention, sdpa_forward
+from petune.kernels.attention import KERNEL_ATTENTION, causal_attention, interface_config, sdpa_forward
 from petune.methods.prompt_learning.cache import input_shape, labels_behind_virtual
 from petune.methods.prompt_learning.config import PromptLearningConfig
 from petune.methods.prompt_learning.encoder import VirtualTokenEncoder
@@ -148,12 +148,10 @@ def can_pack(model: nn.Module, kwargs: dict[str, Any]) -> bool:
 
 def takes_packed_attention(model: nn.Module) -> bool:
     """Whether `model`'s attention may be switched to `packed_attention`: transformers' SDPA, no sliding window."""
-    config = getattr(model, "config", None)
+    config = interface_config(model)
     return (
         config is not None
-        and getattr(model, "_supports_attention_backend", False)
         and config._attn_implementation in ("sdpa", KERNEL_ATTENTION, PACKED_ATTENTION)
-        and config.get_text_config() is config
         and not _sliding_window(config)
     )
 
