@@ -10,12 +10,13 @@ an fp64 SDPA, relative to that tensor's largest value.
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
-import time
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from timing import interleaved  # benchmarks/, on the path when this file runs as a script
 
 from petune.kernels.attention import BlockedCausalAttention
 
@@ -50,6 +51,10 @@ def errors(function: Callable[..., torch.Tensor], tensors: Tensors, grad: torch.
         return [float((got.double() - want).abs().max() / want.abs().max()) for got, want in pairs]  # type: ignore[union-attr]
 
 
+def _forward_backward(function: Callable[..., torch.Tensor], tensors: Tensors, grad: torch.Tensor) -> None:
+    function(*tensors).backward(grad)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[128, 256, 272, 512, 1024])
@@ -62,14 +67,9 @@ def main() -> None:
         for length in args.lengths:
             tensors = inputs(length, dtype)
             grad = torch.randn(tensors[0].shape).to(dtype)
-            times: dict[str, list[float]] = {"sdpa": [], "blocked": []}
             functions = {"sdpa": sdpa, "blocked": blocked}
-            for repeat in range(args.repeats + 2):
-                for name, function in functions.items():
-                    start = time.perf_counter()
-                    function(*tensors).backward(grad)
-                    if repeat >= 2:
-                        times[name].append(time.perf_counter() - start)
+            calls = {name: functools.partial(_forward_backward, f, tensors, grad) for name, f in functions.items()}
+            times = interleaved(calls, args.repeats, warmup=2)
             ms = {name: 1000 * statistics.median(values) for name, values in times.items()}
             errs = {name: ", ".join(f"{e:.1e}" for e in errors(f, tensors, grad)) for name, f in functions.items()}
             kind = "bf16" if dtype == torch.bfloat16 else "fp32"

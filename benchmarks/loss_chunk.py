@@ -11,10 +11,11 @@ size, the sizes interleaved so that the machine's drift hits them alike, and pri
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
-import time
 
 import torch
+from timing import interleaved  # benchmarks/, on the path when this file runs as a script
 
 from petune.loss import _FrozenHeadCrossEntropy
 
@@ -34,13 +35,11 @@ def main() -> None:
     weight = (torch.randn(args.vocab, args.hidden) * 0.05).to(dtype)
     hidden = torch.randn(args.positions, args.hidden).to(dtype)
     targets = torch.randint(0, args.vocab, (args.positions,))
-    times: dict[int, list[float]] = {chunk: [] for chunk in args.chunks}
-    for repeat in range(args.repeats + 1):  # the first round warms up
-        for chunk in args.chunks:
-            start = time.perf_counter()
-            _FrozenHeadCrossEntropy.apply(hidden, weight, None, targets, chunk)
-            if repeat:
-                times[chunk].append(time.perf_counter() - start)
+    calls = {
+        chunk: functools.partial(_FrozenHeadCrossEntropy.apply, hidden, weight, None, targets, chunk)
+        for chunk in args.chunks
+    }
+    times = interleaved(calls, args.repeats)  # one warm-up round
     print(f"{args.positions} positions, vocab {args.vocab}, hidden {args.hidden}, {args.dtype}")
     for chunk, seconds in times.items():
         buffer_mb = chunk * args.vocab * 4 / 2**20

@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import statistics
-import time
 from collections.abc import Callable
 from typing import Any
 
 import torch
+from timing import interleaved  # benchmarks/, on the path when this file runs as a script
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
 import petune
@@ -68,15 +69,13 @@ def configs(virtual: int) -> dict[str, Callable[[], Any]]:
     }
 
 
-def timed_step(
+def train_step(
     model: petune.PeftModel, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor], loss: str
-) -> float:
-    """Seconds for one forward + backward + optimizer step."""
-    start = time.perf_counter()
+) -> None:
+    """One forward + backward + optimizer step."""
     (causal_lm_loss(model, batch) if loss == "petune" else model(**batch).loss).backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return time.perf_counter() - start
 
 
 def main() -> None:
@@ -105,20 +104,16 @@ def main() -> None:
         if unknown:
             parser.error(f"unknown method(s) {unknown}; choose from {list(chosen)}")
         chosen = {name: make for name, make in chosen.items() if name in names or name == "lora (r=8 q/v)"}
-    runs = {}
+    models, steps = {}, {}
     for name, make in chosen.items():
-        peft_model = petune.get_peft_model(copy.deepcopy(model), make()).train()
-        optimizer = adamw([p for p in peft_model.parameters() if p.requires_grad], lr=1e-4)
-        runs[name] = (peft_model, optimizer, [])
-    for step in range(args.warmup + args.steps):
-        for peft_model, optimizer, times in runs.values():
-            seconds = timed_step(peft_model, optimizer, batch, args.loss)
-            if step >= args.warmup:
-                times.append(seconds)
+        models[name] = petune.get_peft_model(copy.deepcopy(model), make()).train()
+        optimizer = adamw([p for p in models[name].parameters() if p.requires_grad], lr=1e-4)
+        steps[name] = functools.partial(train_step, models[name], optimizer, batch, args.loss)
+    times = interleaved(steps, args.steps, args.warmup)
     print(f"{'method':<22}{'median ms/step':>16}{'vs LoRA':>10}{'positions':>11}{'trainable':>12}")
-    lora_ms = 1000 * statistics.median(next(iter(runs.values()))[2])
-    for name, (peft_model, _, times) in runs.items():
-        milliseconds = 1000 * statistics.median(times)
+    lora_ms = 1000 * statistics.median(next(iter(times.values())))
+    for name, peft_model in models.items():
+        milliseconds = 1000 * statistics.median(times[name])
         positions = args.tokens + (0 if name.startswith("lora") else args.virtual)
         trainable = peft_model.get_nb_trainable_parameters()[0]
         print(f"{name:<22}{milliseconds:>16.1f}{milliseconds / lora_ms:>10.2f}{positions:>11}{trainable:>12,}")
