@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from e2e_sides import RESULT_PREFIX, SIDES, Settings, data_path, petune_order
+from sections import write_section
 
 from petune.memory import allocator_environment
 
@@ -204,18 +205,6 @@ BF16_NOTE = [
 ]
 
 
-def write_section(path: Path, text: str) -> None:
-    """Put `text` (starting with SECTION) into `path`: in place of its old section, else at the end."""
-    old = path.read_text() if path.is_file() else ""
-    start = old.find(SECTION)
-    if start < 0:
-        path.write_text(f"{old.rstrip()}\n\n{text}" if old.strip() else text)
-        return
-    end = old.find("\n## ", start + len(SECTION))
-    rest = old[end + 1 :] if end >= 0 else ""
-    path.write_text(old[:start] + text + (f"\n{rest}" if rest else ""))
-
-
 def command_line(script: str, argv: list[str]) -> str:
     """`python <script> <argv>` as typed in a shell, less `--note` (the section shows the note after it)."""
     kept: list[str] = []
@@ -228,7 +217,7 @@ def command_line(script: str, argv: list[str]) -> str:
 def run_section(settings: Settings, repeats: int, out: Path, command: str, note: str = "") -> str:
     """Measure both sides, write the section into `out` and return it."""
     text = render(compare(settings, repeats), settings, command, repeats, note)
-    write_section(out, text)
+    write_section(out, SECTION, text)
     print(f"wrote the end-to-end section of {out}")
     return text
 

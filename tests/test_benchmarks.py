@@ -1,0 +1,71 @@
+"""The benchmark report: a run rewrites only its own section of BENCHMARKS.md and says which targets it meets."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import run
+from sections import TITLE, write_section
+
+HEADING = "## Step table"
+
+
+def test_a_section_replaces_only_itself(tmp_path: Path) -> None:
+    path = tmp_path / "BENCHMARKS.md"
+    path.write_text(
+        f"{TITLE}\n\nintro\n\n{HEADING}\n\nold table\n\n### kept with it\n\nold\n\n## Analysis\n\nby hand\n"
+    )
+    write_section(path, HEADING, f"{HEADING}\n\nnew table\n")
+    assert path.read_text() == f"{TITLE}\n\nintro\n\n{HEADING}\n\nnew table\n\n## Analysis\n\nby hand\n"
+    write_section(path, "## End-to-end", "## End-to-end\n\nnumbers\n")  # a new section goes at the end
+    assert path.read_text().endswith("## Analysis\n\nby hand\n\n## End-to-end\n\nnumbers\n")
+    write_section(path, HEADING, f"{HEADING}\n\nnewer\n")
+    assert "new table" not in path.read_text() and "by hand" in path.read_text()
+    assert path.read_text().count("## End-to-end") == 1
+
+
+def test_a_new_file_gets_the_title(tmp_path: Path) -> None:
+    path = tmp_path / "b.md"
+    write_section(path, HEADING, f"{HEADING}\n\ntable\n")
+    assert path.read_text() == f"{TITLE}\n\n{HEADING}\n\ntable\n"
+
+
+def test_a_heading_that_only_starts_another_is_not_its_section(tmp_path: Path) -> None:
+    path = tmp_path / "b.md"
+    path.write_text(f"{TITLE}\n\n{HEADING} (older)\n\nkeep\n\n#{HEADING}\n\nkeep too\n")
+    write_section(path, HEADING, f"{HEADING}\n\ntable\n")
+    text = path.read_text()
+    assert "keep\n" in text and "keep too" in text and text.endswith(f"{HEADING}\n\ntable\n")
+
+
+def result(step: float, memory: float) -> dict[str, float]:
+    return {"step_s": step, "peak_rss_mb": memory}
+
+
+@pytest.mark.parametrize(
+    ("ours", "expected"),
+    [
+        (result(3.2, 600), "step met (0.80x); memory met (0.60x)"),
+        (result(3.84, 500), "step missed by 0.16 (0.96x, target <= 0.8x); memory met (0.50x)"),
+        (result(2.0, 700), "step met (0.50x); memory missed by 0.10 (0.70x, target <= 0.6x)"),
+    ],
+)
+def test_targets_say_met_or_by_how_much_missed(ours: dict[str, float], expected: str) -> None:
+    assert run.targets(ours, result(4.0, 1000), None, "peak_rss_mb", checkpointing=False) == expected
+
+
+def test_checkpointing_memory_is_against_peft_without_checkpointing() -> None:
+    ours, peft_with, peft_without = result(5.0, 1100), result(5.0, 2100), result(4.0, 3400)
+    assert run.targets(ours, peft_with, peft_without, "peak_rss_mb", checkpointing=True) == (
+        "step missed by 0.20 (1.00x, target <= 0.8x); memory met (0.32x) of peft without checkpointing"
+    )
+    assert run.targets(ours, peft_with, None, "peak_rss_mb", checkpointing=True).endswith(
+        "no peft row without checkpointing to compare with"
+    )
+    failed = {"impl": "peft", "error": "ValueError: no checkpointing"}
+    assert run.targets(ours, failed, peft_without, "peak_rss_mb", checkpointing=True).startswith("step: not measured")
