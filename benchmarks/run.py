@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import e2e_trl  # benchmarks/, on the path when this file runs as a script
-from sections import write_section
+from sections import checkout, write_section
 
 HERE = Path(__file__).resolve().parent
 SECTION = "## Step table: petune vs HF PEFT (`make bench`)"
@@ -103,7 +103,7 @@ def main() -> None:
         default="system",
         help="peft's processes' allocator (petune's: mimalloc, as the `petune` command runs)",
     )
-    parser.add_argument("--note", default="", help="said after the end-to-end section's command (e.g. the load)")
+    parser.add_argument("--note", default="", help="said after each section's command (e.g. the machine's load)")
     end_to_end = parser.add_mutually_exclusive_group()
     end_to_end.add_argument("--no-e2e", action="store_true", help="the step table only")
     end_to_end.add_argument("--e2e-only", action="store_true", help="only the end-to-end section, kept in --out")
@@ -111,13 +111,14 @@ def main() -> None:
     args = parser.parse_args()
 
     command = e2e_trl.command_line("benchmarks/run.py", sys.argv[1:])
+    note = ", ".join(part for part in (checkout(), args.note) if part)  # the code measured, then the user's note
     if not args.e2e_only:
-        step_table(args, command)
+        step_table(args, command, note)
     if not args.no_e2e:
-        e2e_trl.run_section(e2e_trl.settings_from(args, prefix="e2e_"), args.e2e_repeats, args.out, command, args.note)
+        e2e_trl.run_section(e2e_trl.settings_from(args, prefix="e2e_"), args.e2e_repeats, args.out, command, note)
 
 
-def step_table(args: argparse.Namespace, command: str) -> None:
+def step_table(args: argparse.Namespace, command: str, note: str) -> None:
     """Measure `args.cases` and write their table into its section of `args.out`."""
     device = args.device or ("cuda" if _cuda_available() else "cpu")
     memory = "peak_gpu_mb" if device.startswith("cuda") else "peak_rss_mb"
@@ -152,7 +153,7 @@ def step_table(args: argparse.Namespace, command: str) -> None:
         f"Host allocator: petune {allocators(rows, 3)} (what the `petune` command runs on), "
         f"peft {allocators(rows, 4)}.",
         "",
-        f"Command: `{command}`",
+        f"Command: `{command}`" + (f" ({note})" if note else ""),
         "",
         "| method | dtype | checkpointing | petune step s | peft step s | step ratio | petune peak MB | "
         "peft peak MB | memory ratio | targets |",

@@ -6,9 +6,11 @@ belong to the section above them.
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 TITLE = "# Benchmarks: petune vs HF PEFT"
+HERE = Path(__file__).resolve().parent
 
 
 def write_section(path: Path, heading: str, text: str) -> None:
@@ -22,3 +24,19 @@ def write_section(path: Path, heading: str, text: str) -> None:
     end = old.find("\n## ", start + len(heading))
     rest = old[end + 1 :] if end >= 0 else ""
     path.write_text(old[:start] + text + (f"\n{rest}" if rest else ""))
+
+
+def checkout() -> str:
+    """The code a benchmark runs, for its section: `commit <hash>`, with `+ uncommitted changes` when tracked
+    files other than BENCHMARKS.md (which benchmarks write) differ from it; an empty string outside git."""
+    try:
+        head = _git("rev-parse", "--short", "HEAD")
+        changed = _git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!BENCHMARKS.md")
+    except (OSError, subprocess.CalledProcessError):
+        return ""
+    return f"commit {head}" + (" + uncommitted changes" if changed else "")
+
+
+def _git(*args: str) -> str:
+    done = subprocess.run(["git", *args], cwd=HERE.parent, capture_output=True, text=True, check=True)
+    return done.stdout.strip()

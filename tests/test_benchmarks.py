@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 import sys
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import run
+import sections
 from sections import TITLE, write_section
 
 HEADING = "## Step table"
@@ -69,3 +71,28 @@ def test_checkpointing_memory_is_against_peft_without_checkpointing() -> None:
     )
     failed = {"impl": "peft", "error": "ValueError: no checkpointing"}
     assert run.targets(ours, failed, peft_without, "peak_rss_mb", checkpointing=True).startswith("step: not measured")
+
+
+def git(folder: Path, *args: str) -> str:
+    command = ["git", "-C", str(folder), "-c", "user.name=t", "-c", "user.email=t@t", *args]
+    return subprocess.run(command, capture_output=True, text=True, check=True).stdout.strip()
+
+
+def test_the_checkout_names_the_commit_and_changes_other_than_the_report(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sections, "HERE", tmp_path / "benchmarks")
+    (tmp_path / "benchmarks").mkdir()
+    assert sections.checkout() == ""  # not a git checkout
+    git(tmp_path, "init", "-q")
+    (tmp_path / "benchmarks" / "step.py").write_text("a\n")
+    (tmp_path / "BENCHMARKS.md").write_text("# B\n")
+    git(tmp_path, "add", ".")
+    git(tmp_path, "commit", "-q", "-m", "m")
+    head = git(tmp_path, "rev-parse", "--short", "HEAD")
+    assert sections.checkout() == f"commit {head}"
+    (tmp_path / "BENCHMARKS.md").write_text("# B\n\nwritten by a benchmark\n")
+    (tmp_path / "notes.txt").write_text("untracked\n")
+    assert sections.checkout() == f"commit {head}"
+    (tmp_path / "benchmarks" / "step.py").write_text("b\n")
+    assert sections.checkout() == f"commit {head} + uncommitted changes"
