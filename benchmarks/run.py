@@ -8,7 +8,8 @@ table comes the end-to-end comparison of `petune train` with TRL's SFTTrainer + 
 (`benchmarks/e2e_trl.py`), as its own section. Each run rewrites only its own sections (`sections.py`), so the
 analysis written around them stays; each row says whether it meets issue 5's targets and by how much it misses.
 
-    python benchmarks/run.py                      # the full table (about 20 minutes on 2 cores), then end-to-end
+    python benchmarks/run.py --repeats 3 --e2e-repeats 3   # `make bench`: everything, about 35 minutes on 2 cores
+    python benchmarks/run.py                      # the table once a side (about 10 minutes), then end-to-end once
     python benchmarks/run.py --cases lora:fp32 lora:fp32:ckpt --out /tmp/b.md --no-e2e
     python benchmarks/run.py --no-e2e --repeats 3 --cases lora:fp32 prompt:bf16   # medians of 3 pairs of runs
     python benchmarks/run.py --e2e-only           # rewrite only the end-to-end section of BENCHMARKS.md
