@@ -123,7 +123,7 @@ def step_table(args: argparse.Namespace, command: str, note: str) -> None:
     """Measure `args.cases` and write their table into its section of `args.out`."""
     device = args.device or ("cuda" if _cuda_available() else "cpu")
     memory = "peak_gpu_mb" if device.startswith("cuda") else "peak_rss_mb"
-    rows = []
+    rows: list[Row] = []
     for case in args.cases:
         method, dtype, *rest = case.split(":")
         checkpointing = rest == ["ckpt"]
@@ -156,6 +156,19 @@ def step_table(args: argparse.Namespace, command: str, note: str) -> None:
         "",
         f"Command: `{command}`" + (f" ({note})" if note else ""),
         "",
+    ]
+    lines += [*table(rows, memory), "", TARGETS_NOTE]
+    write_section(args.out, SECTION, "\n".join(lines) + "\n")
+    print(f"wrote {args.out}")
+
+
+# One case: method, dtype, checkpointing, petune's result, peft's result, the step ratio of each pair of runs.
+Row = tuple[str, str, bool, dict[str, Any], dict[str, Any], list[float]]
+
+
+def table(rows: list[Row], memory: str) -> list[str]:
+    """The step table's lines, a row per case, each with its verdict on the targets."""
+    lines = [
         "| method | dtype | checkpointing | petune step s | peft step s | step ratio | petune peak MB | "
         "peft peak MB | memory ratio | targets |",
         "|---|---|---|---|---|---|---|---|---|---|",
@@ -169,9 +182,7 @@ def step_table(args: argparse.Namespace, command: str, note: str) -> None:
             f"{cell(ours, memory, '.0f')} | {cell(theirs, memory, '.0f')} | {ratio(ours, theirs, memory)} | "
             f"{targets(ours, theirs, baseline, memory, checkpointing)} |"
         )
-    lines += ["", TARGETS_NOTE]
-    write_section(args.out, SECTION, "\n".join(lines) + "\n")
-    print(f"wrote {args.out}")
+    return lines
 
 
 TARGETS_NOTE = (

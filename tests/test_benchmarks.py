@@ -96,3 +96,16 @@ def test_the_checkout_names_the_commit_and_changes_other_than_the_report(
     assert sections.checkout() == f"commit {head}"
     (tmp_path / "benchmarks" / "step.py").write_text("b\n")
     assert sections.checkout() == f"commit {head} + uncommitted changes"
+
+
+def test_a_checkpointing_row_is_judged_against_peft_without_checkpointing_in_the_same_table() -> None:
+    rows: list[run.Row] = [
+        ("lora", "fp32", False, result(4.0, 1750), result(4.1, 3430), [0.98]),
+        ("lora", "bf16", False, result(2.0, 1300), result(2.7, 2270), [0.74]),
+        ("lora", "fp32", True, result(5.2, 1100), result(5.0, 2100), [1.04]),
+    ]
+    lines = run.table(rows, "peak_rss_mb")
+    assert len(lines) == 2 + len(rows) and all(line.count("|") == 11 for line in lines)
+    assert lines[2].endswith("| step missed by 0.18 (0.98x, target <= 0.8x); memory met (0.51x) |")
+    assert lines[3].startswith("| lora | bf16 | off | 2.00 | 2.70 | 0.74 | 1300 | 2270 | 0.57 |")
+    assert lines[4].endswith("memory met (0.32x) of peft without checkpointing |")  # 1100 / 3430, not / 2100
