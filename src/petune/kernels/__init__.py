@@ -34,7 +34,7 @@ import os
 from torch import nn
 from transformers.modeling_layers import GradientCheckpointingLayer
 
-from petune.kernels.attention import KERNEL_ATTENTION, interface_config
+from petune.kernels.attention import KERNEL_ATTENTION, switch_attention
 from petune.kernels.base import PatchedForward
 from petune.kernels.rms_norm import RMSNormForward, RMSNormFunction
 from petune.kernels.swiglu import SwiGLUFunction, SwiGLUMLPForward, is_silu
@@ -73,7 +73,7 @@ def enable(model: nn.Module) -> int:
     """Give every recognised RMSNorm and SiLU-gated MLP inside `model`'s decoder layers its memory-saving
     forward; returns how many modules were patched (0 for an architecture petune does not recognise).
     Idempotent."""
-    _switch_attention(model, "sdpa", KERNEL_ATTENTION)
+    switch_attention(model, "sdpa", KERNEL_ATTENTION)
     # The innermost decoder layer around each module (modules() lists outer modules first). Only modules inside
     # one are patched: the final norm would save ~nothing (one norm of 2L + 1) and, measured, it shifted glibc's
     # heap fragmentation by +50-80 MB of peak RSS under gradient checkpointing.
@@ -102,20 +102,13 @@ def enable(model: nn.Module) -> int:
 
 def disable(model: nn.Module) -> int:
     """Undo `enable`: every patched module runs its class's forward again; returns how many were restored."""
-    _switch_attention(model, KERNEL_ATTENTION, "sdpa")
+    switch_attention(model, KERNEL_ATTENTION, "sdpa")
     restored = 0
     for module in model.modules():
         if isinstance(vars(module).get("forward"), PatchedForward):
             del module.forward
             restored += 1
     return restored
-
-
-def _switch_attention(model: nn.Module, current: str, new: str) -> None:
-    """Point a model whose attention goes through transformers' attention interface from `current` to `new`."""
-    config = interface_config(model)
-    if config is not None and config._attn_implementation == current:
-        config._attn_implementation = new
 
 
 def is_enabled(model: nn.Module) -> bool:

@@ -118,6 +118,13 @@ def interface_config(model: nn.Module) -> Any:
     return config if config.get_text_config() is config else None
 
 
+def switch_attention(model: nn.Module, current: str, new: str) -> None:
+    """Point a model whose attention goes through transformers' attention interface from `current` to `new`."""
+    config = interface_config(model)
+    if config is not None and config._attn_implementation == current:
+        config._attn_implementation = new
+
+
 AttentionInterface.register(KERNEL_ATTENTION, sdpa_forward)
 AttentionMaskInterface.register(KERNEL_ATTENTION, sdpa_mask)
 

@@ -36,7 +36,13 @@ from torch import nn
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from petune.kernels.attention import KERNEL_ATTENTION, causal_attention, interface_config, sdpa_forward
+from petune.kernels.attention import (
+    KERNEL_ATTENTION,
+    causal_attention,
+    interface_config,
+    sdpa_forward,
+    switch_attention,
+)
 from petune.methods.prompt_learning.cache import input_shape, labels_behind_virtual
 from petune.methods.prompt_learning.config import PromptLearningConfig
 from petune.methods.prompt_learning.encoder import VirtualTokenEncoder
@@ -218,6 +224,4 @@ def use_packed_attention(model: nn.Module) -> None:
 
 def restore_attention(model: nn.Module) -> None:
     """Put back the model's SDPA attention (unloading the adapter; `petune.kernels.disable` ran already)."""
-    config = getattr(model, "config", None)
-    if config is not None and config._attn_implementation == PACKED_ATTENTION:
-        config._attn_implementation = "sdpa"
+    switch_attention(model, PACKED_ATTENTION, "sdpa")
