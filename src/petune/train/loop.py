@@ -54,9 +54,12 @@ class Run:
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Run `cfg` and return the final results (also written to `<output>/eval.json`)."""
     run = setup(cfg)
-    start_step, results = resume_or_score_base(run)
-    train_steps(run, start_step)
-    return finish(run, results)
+    try:
+        start_step, results = resume_or_score_base(run)
+        train_steps(run, start_step)
+        return finish(run, results)
+    finally:  # data-parallel processes leave their gloo group before exiting, not in a teardown race with it
+        run.accelerator.end_training()
 
 
 def setup(cfg: TrainConfig) -> Run:
