@@ -43,6 +43,7 @@ from petune.kernels.attention import (
     sdpa_forward,
     switch_attention,
 )
+from petune.kernels.prefix_attention import causal_attention_behind_prefix, merges
 from petune.methods.prompt_learning.cache import input_shape, labels_behind_virtual
 from petune.methods.prompt_learning.config import PromptLearningConfig
 from petune.methods.prompt_learning.encoder import VirtualTokenEncoder
@@ -68,10 +69,14 @@ class Packing:
     ) -> torch.Tensor:
         """Attention of the packed (1, heads, V + B*T, head_dim) tensors; (1, V + B*T, heads, head_dim) out.
 
-        Each row attends as the sequence [virtual, row], the virtual queries included: with no padding SDPA then
-        runs `is_causal` over (V + T)^2 / 2 scores, where the rows' queries alone would need an explicit mask
+        Each row attends as the sequence [virtual, row]. Where `prefix_attention` merges (fp32 on a CPU, no
+        padding) the virtual tokens attend to each other once and the rows' queries to the virtual keys and
+        causally to their own. Otherwise each row runs as [virtual, row], the virtual queries included: with no
+        padding `is_causal` over (V + T)^2 / 2 scores, where the rows' queries alone would need an explicit mask
         over T x (V + T) scores (twice the work on CPU); the virtual tokens' output is taken from the first row.
         """
+        if self.mask is None and merges(query, dropout):
+            return self.attend_behind_virtual(query, key, value, scale)
         query, key, value = self.per_row(query), self.per_row(key), self.per_row(value)
         if self.mask is None:
             out = causal_attention(query, key, value, dropout, scale)
@@ -83,13 +88,31 @@ class Packing:
         virtual, rows = out.split([self.virtual, self.length], dim=1)
         return torch.cat([virtual[:1], rows.reshape(1, self.rows * self.length, *out.shape[2:])], dim=1)
 
+    def attend_behind_virtual(
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float | None
+    ) -> torch.Tensor:
+        """`attend` by `MergedPrefixAttention`: the virtual queries once, the rows' without repeats."""
+        (virtual_query, query), (virtual_key, key), (virtual_value, value) = (
+            packed.split([self.virtual, self.rows * self.length], dim=2) for packed in (query, key, value)
+        )
+        virtual = causal_attention(virtual_query, virtual_key, virtual_value, 0.0, scale)  # (1, heads, V, d)
+        prefix = (virtual_key.expand(self.rows, -1, -1, -1), virtual_value.expand(self.rows, -1, -1, -1))
+        rows = causal_attention_behind_prefix(
+            self.rows_of(query), self.rows_of(key), self.rows_of(value), *prefix, 0.0, scale
+        )
+        packed_rows = rows.transpose(1, 2).reshape(1, self.rows * self.length, *rows.shape[1::2])
+        return torch.cat([virtual.transpose(1, 2), packed_rows], dim=1)
+
     # split, not two slices: a slice's backward fills a zero tensor of the whole input for each part
 
     def per_row(self, packed: torch.Tensor) -> torch.Tensor:
         """(1, heads, V + B*T, d) -> (B, heads, V + T, d): the virtual part in front of every row."""
         virtual, rows = packed.split([self.virtual, self.rows * self.length], dim=2)
-        rows = rows[0].unflatten(1, (self.rows, self.length)).transpose(0, 1)
-        return torch.cat([virtual.expand(self.rows, -1, -1, -1), rows], dim=2)
+        return torch.cat([virtual.expand(self.rows, -1, -1, -1), self.rows_of(rows)], dim=2)
+
+    def rows_of(self, rows: torch.Tensor) -> torch.Tensor:
+        """(1, heads, B*T, d) -> (B, heads, T, d), a view."""
+        return rows[0].unflatten(1, (self.rows, self.length)).transpose(0, 1)
 
     def unpack(self, hidden: torch.Tensor) -> torch.Tensor:
         """(1, V + B*T, H) -> (B, V + T, H), the virtual positions broadcast over the rows."""
@@ -126,16 +149,12 @@ def packed_attention(
 def attend_behind_prefix(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, virtual: int, dropout: float, scale: float | None
 ) -> torch.Tensor:
-    """(B, heads, T, d) queries over (B, kv_heads, V + T, d) keys: every prefix key and the causal rest.
-
-    transformers hands SDPA an explicit (T, V + T) mask here, which on CPU computes every score; V zero queries
-    in front make it plain `is_causal` attention over (V + T)^2 / 2 scores instead (their outputs are dropped).
-    """
+    """(B, heads, T, d) queries over (B, kv_heads, V + T, d) keys: every prefix key and the causal rest; (B, T,
+    heads, d) out. transformers hands SDPA an explicit (T, V + T) mask here, which on CPU computes every score."""
     if key.shape[2] != virtual + query.shape[2]:
         raise ValueError(f"expected {virtual} prefix keys before the {query.shape[2]} queries' own, got {key.shape[2]}")
-    padded = torch.cat([query.new_zeros(*query.shape[:2], virtual, query.shape[3]), query], dim=2)
-    out = causal_attention(padded, key, value, dropout, scale)
-    return out.split([virtual, query.shape[2]], dim=2)[1].transpose(1, 2)  # (B, T, heads, d)
+    (prefix_key, key), (prefix_value, value) = (x.split([virtual, query.shape[2]], dim=2) for x in (key, value))
+    return causal_attention_behind_prefix(query, key, value, prefix_key, prefix_value, dropout, scale).transpose(1, 2)
 
 
 AttentionInterface.register(PACKED_ATTENTION, packed_attention)
