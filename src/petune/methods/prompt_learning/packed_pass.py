@@ -71,9 +71,8 @@ class Packing:
 
         Each row attends as the sequence [virtual, row]. Where `prefix_attention` merges (fp32 on a CPU, no
         padding) the virtual tokens attend to each other once and the rows' queries to the virtual keys and
-        causally to their own. Otherwise each row runs as [virtual, row], the virtual queries included: with no
-        padding `is_causal` over (V + T)^2 / 2 scores, where the rows' queries alone would need an explicit mask
-        over T x (V + T) scores (twice the work on CPU); the virtual tokens' output is taken from the first row.
+        causally to their own. Otherwise each row runs as [virtual, row], the virtual queries included (with no
+        padding `is_causal`, no mask), and the virtual tokens' output is taken from the first row.
         """
         if self.mask is None and merges(query, dropout):
             return self.attend_behind_virtual(query, key, value, scale)
@@ -150,7 +149,7 @@ def attend_behind_prefix(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, virtual: int, dropout: float, scale: float | None
 ) -> torch.Tensor:
     """(B, heads, T, d) queries over (B, kv_heads, V + T, d) keys: every prefix key and the causal rest; (B, T,
-    heads, d) out. transformers hands SDPA an explicit (T, V + T) mask here, which on CPU computes every score."""
+    heads, d) out, without the explicit (T, V + T) mask transformers hands SDPA here."""
     if key.shape[2] != virtual + query.shape[2]:
         raise ValueError(f"expected {virtual} prefix keys before the {query.shape[2]} queries' own, got {key.shape[2]}")
     (prefix_key, key), (prefix_value, value) = (x.split([virtual, query.shape[2]], dim=2) for x in (key, value))
