@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from conftest import build_batch, build_tiny_model
 
 import petune
-from petune.kernels import attention
+from petune.kernels import attention, prefix_attention
 from petune.kernels.prefix_attention import MergedPrefixAttention, causal_attention_behind_prefix
 
 
@@ -110,6 +110,9 @@ def test_fp32_cpu_runs_merged_bf16_dropout_and_opt_out_do_not(
     bf16 = [t.detach().bfloat16().requires_grad_() for t in inputs]
     torch.testing.assert_close(causal_attention_behind_prefix(*bf16).float(), expected, rtol=5e-2, atol=5e-2)
     assert (len(merges), len(blocked)) == (1, 1)
+    monkeypatch.setattr(prefix_attention, "_FLASH_BACKWARD", None)  # a torch without the private flash ops
+    torch.testing.assert_close(causal_attention_behind_prefix(*inputs), expected)
+    assert len(merges) == 1
 
 
 @pytest.mark.parametrize(

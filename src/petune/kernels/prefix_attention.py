@@ -34,8 +34,9 @@ import torch
 
 from petune.kernels.attention import DTYPES, causal_attention
 
-_FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-_FLASH_BACKWARD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+# torch's CPU flash attention, which SDPA calls; private ops, so a torch without them runs the zero-query form
+_FLASH: Any = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+_FLASH_BACKWARD: Any = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
 
 
 def causal_attention_behind_prefix(
@@ -63,7 +64,13 @@ def merges(query: torch.Tensor, dropout: float) -> bool:
     """Whether attention behind a prefix runs as `MergedPrefixAttention` (see the module's doc)."""
     from petune.kernels import enabled_by_default
 
-    return query.device.type == "cpu" and query.dtype not in DTYPES and dropout == 0.0 and enabled_by_default()
+    return (
+        query.device.type == "cpu"
+        and query.dtype not in DTYPES
+        and dropout == 0.0
+        and _FLASH_BACKWARD is not None
+        and enabled_by_default()
+    )
 
 
 class MergedPrefixAttention(torch.autograd.Function):
