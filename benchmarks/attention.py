@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from timing import interleaved  # benchmarks/, on the path when this file runs as a script
+from timing import forward_backward, interleaved  # benchmarks/, on the path when this file runs as a script
 
 from petune.kernels.attention import BlockedCausalAttention
 
@@ -51,10 +51,6 @@ def errors(function: Callable[..., torch.Tensor], tensors: Tensors, grad: torch.
         return [float((got.double() - want).abs().max() / want.abs().max()) for got, want in pairs]  # type: ignore[union-attr]
 
 
-def _forward_backward(function: Callable[..., torch.Tensor], tensors: Tensors, grad: torch.Tensor) -> None:
-    function(*tensors).backward(grad)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[128, 256, 272, 512, 1024])
@@ -68,7 +64,7 @@ def main() -> None:
             tensors = inputs(length, dtype)
             grad = torch.randn(tensors[0].shape).to(dtype)
             functions = {"sdpa": sdpa, "blocked": blocked}
-            calls = {name: functools.partial(_forward_backward, f, tensors, grad) for name, f in functions.items()}
+            calls = {name: functools.partial(forward_backward, f, tensors, grad) for name, f in functions.items()}
             times = interleaved(calls, args.repeats, warmup=2)
             ms = {name: 1000 * statistics.median(values) for name, values in times.items()}
             errs = {name: ", ".join(f"{e:.1e}" for e in errors(f, tensors, grad)) for name, f in functions.items()}

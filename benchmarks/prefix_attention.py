@@ -5,7 +5,7 @@ heads, 3 key/value heads, head size 64), batch 4, `--virtual` prefix keys in fro
 keys and values as transformers hands them over (transposed views of (B, T, heads, d)). The ways compared,
 alternating, medians of `--repeats`:
 
-    merged        `petune.kernels.prefix_attention.MergedPrefixAttention` (what petune runs in fp32 on a CPU)
+    merged        `petune.kernels.prefix_attention.merged_prefix_attention` (what petune runs in fp32 on a CPU)
     zero queries  causal SDPA over V zero queries and the rows, the zero queries' outputs dropped
     masked        SDPA with the explicit (T, V + T) mask (what transformers runs for prefix tuning)
     rows alone    causal SDPA over the rows' own keys, no prefix (a LoRA step's attention)
@@ -16,18 +16,12 @@ from __future__ import annotations
 import argparse
 import functools
 import statistics
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from timing import interleaved  # benchmarks/, on the path when this file runs as a script
+from timing import forward_backward, interleaved  # benchmarks/, on the path when this file runs as a script
 
-from petune.kernels.prefix_attention import MergedPrefixAttention
-
-
-def merged(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pk: torch.Tensor, pv: torch.Tensor) -> torch.Tensor:
-    out: torch.Tensor = MergedPrefixAttention.apply(q, k, v, pk, pv, q.shape[-1] ** -0.5)
-    return out
+from petune.kernels.prefix_attention import merged_prefix_attention
 
 
 def zero_queries(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pk: torch.Tensor, pv: torch.Tensor) -> torch.Tensor:
@@ -49,10 +43,6 @@ def rows_alone(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *_: torch.Tens
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
 
 
-def _forward_backward(function: Callable[..., torch.Tensor], tensors: list[torch.Tensor], grad: torch.Tensor) -> None:
-    function(*tensors).backward(grad)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[128, 256, 512])
@@ -60,7 +50,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=21)
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; batch 4, 9 heads / 3 kv heads, head size 64")
-    functions = {"merged": merged, "zero queries": zero_queries, "masked": masked, "rows alone": rows_alone}
+    functions = {
+        "merged": merged_prefix_attention,
+        "zero queries": zero_queries,
+        "masked": masked,
+        "rows alone": rows_alone,
+    }
     print(f"| length | prefix | {' | '.join(f'{name} ms' for name in functions)} |")
     print(f"|---|---|{'---|' * len(functions)}")
     for length in args.lengths:
@@ -68,7 +63,7 @@ def main() -> None:
         shapes = [(length, 9), (length, 3), (length, 3), (args.virtual, 3), (args.virtual, 3)]
         tensors = [torch.randn(4, n, heads, 64).transpose(1, 2).requires_grad_() for n, heads in shapes]
         grad = torch.randn(tensors[0].shape)
-        calls = {name: functools.partial(_forward_backward, f, tensors, grad) for name, f in functions.items()}
+        calls = {name: functools.partial(forward_backward, f, tensors, grad) for name, f in functions.items()}
         times = interleaved(calls, args.repeats, warmup=2)
         ms = " | ".join(f"{1000 * statistics.median(times[name]):.1f}" for name in functions)
         print(f"| {length} | {args.virtual} | {ms} |")

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Sequence
+
+import torch
 
 
 def interleaved(
@@ -19,3 +21,10 @@ def interleaved(
             if round_ >= warmup:
                 times[name].append(time.perf_counter() - start)
     return times
+
+
+def forward_backward(
+    function: Callable[..., torch.Tensor], tensors: Sequence[torch.Tensor], grad: torch.Tensor
+) -> None:
+    """One timed call of an attention benchmark: `function(*tensors)` and its backward from `grad`."""
+    function(*tensors).backward(grad)

@@ -11,7 +11,11 @@ from conftest import build_batch, build_tiny_model
 
 import petune
 from petune.kernels import attention, prefix_attention
-from petune.kernels.prefix_attention import MergedPrefixAttention, causal_attention_behind_prefix
+from petune.kernels.prefix_attention import (
+    MergedPrefixAttention,
+    causal_attention_behind_prefix,
+    merged_prefix_attention,
+)
 
 
 def tensors(
@@ -46,8 +50,20 @@ def output_and_gradients(function: Any, inputs: list[torch.Tensor]) -> list[torc
 
 
 def merged(*inputs: torch.Tensor) -> torch.Tensor:
-    out: torch.Tensor = MergedPrefixAttention.apply(*inputs, inputs[0].shape[-1] ** -0.5)
-    return out
+    return merged_prefix_attention(*inputs)  # SDPA's default scale: the flash calls' own
+
+
+def behind(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    prefix_key: torch.Tensor,
+    prefix_value: torch.Tensor,
+    dropout: float = 0.0,
+) -> torch.Tensor:
+    """`causal_attention_behind_prefix` on the keys and values as prefix tuning's cache hands them: [prefix; own]."""
+    keys, values = torch.cat([prefix_key, key], dim=2), torch.cat([prefix_value, value], dim=2)
+    return causal_attention_behind_prefix(query, keys, values, prefix_key.shape[2], dropout)
 
 
 @pytest.mark.parametrize("dtype, tolerance", [(torch.float64, 1e-12), (torch.float32, 1e-4)])
@@ -68,7 +84,7 @@ def test_a_prefix_shared_by_the_rows_gets_their_summed_gradient() -> None:
     query, key, value, prefix_key, prefix_value = tensors(4, 2, 3, 9, torch.float64)
     shared_key, shared_value = (t[:1].detach().clone().requires_grad_() for t in (prefix_key, prefix_value))
     expanded = [shared_key.expand(2, -1, -1, -1), shared_value.expand(2, -1, -1, -1)]
-    out = causal_attention_behind_prefix(query, key, value, *expanded)
+    out = merged_prefix_attention(query, key, value, *expanded)
     repeated = [shared_key.repeat(2, 1, 1, 1), shared_value.repeat(2, 1, 1, 1)]
     torch.testing.assert_close(out, masked_sdpa(query, key, value, *repeated), rtol=1e-12, atol=1e-12)
     out.sum().backward()
@@ -95,23 +111,23 @@ def test_fp32_cpu_runs_merged_bf16_dropout_and_opt_out_do_not(
     training, SDPA otherwise), with the same result."""
     inputs = tensors(4, 2, 3, 9, torch.float32)
     expected = masked_sdpa(*inputs)
-    torch.testing.assert_close(causal_attention_behind_prefix(*inputs), expected)
+    torch.testing.assert_close(behind(*inputs), expected)
     assert len(merges) == 1
     monkeypatch.setenv("PETUNE_KERNELS", "0")
-    torch.testing.assert_close(causal_attention_behind_prefix(*inputs), expected)
+    torch.testing.assert_close(behind(*inputs), expected)
     monkeypatch.delenv("PETUNE_KERNELS")
     torch.manual_seed(0)
-    dropped = causal_attention_behind_prefix(*inputs, dropout=0.5)
+    dropped = behind(*inputs, dropout=0.5)
     assert dropped.shape == expected.shape and not torch.allclose(dropped, expected)
     assert len(merges) == 1
     blocked: list[int] = []
     real = attention.BlockedCausalAttention.apply
     monkeypatch.setattr(attention.BlockedCausalAttention, "apply", lambda *args: blocked.append(1) or real(*args))
     bf16 = [t.detach().bfloat16().requires_grad_() for t in inputs]
-    torch.testing.assert_close(causal_attention_behind_prefix(*bf16).float(), expected, rtol=5e-2, atol=5e-2)
+    torch.testing.assert_close(behind(*bf16).float(), expected, rtol=5e-2, atol=5e-2)
     assert (len(merges), len(blocked)) == (1, 1)
     monkeypatch.setattr(prefix_attention, "_FLASH_BACKWARD", None)  # a torch without the private flash ops
-    torch.testing.assert_close(causal_attention_behind_prefix(*inputs), expected)
+    torch.testing.assert_close(behind(*inputs), expected)
     assert len(merges) == 1
 
 
@@ -135,3 +151,9 @@ def test_fp32_training_steps_run_it_in_every_layer(
     monkeypatch.setenv("PETUNE_KERNELS", "0")
     torch.testing.assert_close(loss, model(**batch, labels=batch["input_ids"]).loss)
     assert len(merges) == model.config.num_hidden_layers
+
+
+def test_keys_that_do_not_hold_the_prefix_and_the_rows_are_refused() -> None:
+    query, key, value, *_ = tensors(4, 2, 3, 9, torch.float32)
+    with pytest.raises(ValueError, match="expected 3 prefix keys before the 9 queries' own, got 9"):
+        causal_attention_behind_prefix(query, key, value, 3)

@@ -43,21 +43,34 @@ def causal_attention_behind_prefix(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
-    prefix_key: torch.Tensor,
-    prefix_value: torch.Tensor,
+    virtual: int,
     dropout: float = 0.0,
     scale: float | None = None,
 ) -> torch.Tensor:
-    """(B, heads, T, d) queries over (B, kv_heads, V, d) prefix keys and values, all of them, and their own
-    (B, kv_heads, T, d) causally (heads a multiple of kv_heads). (B, heads, T, d) out."""
-    scale = query.shape[-1] ** -0.5 if scale is None else scale
+    """(B, heads, T, d) queries over (B, kv_heads, V + T, d) keys and values: all of the first V, causal over
+    the rest (heads a multiple of kv_heads). (B, heads, T, d) out."""
+    length = query.shape[2]
+    if key.shape[2] != virtual + length:
+        raise ValueError(f"expected {virtual} prefix keys before the {length} queries' own, got {key.shape[2]}")
     if merges(query, dropout):
-        out: torch.Tensor = MergedPrefixAttention.apply(query, key, value, prefix_key, prefix_value, scale)
-        return out
-    virtual = prefix_key.shape[2]
+        (prefix_key, key), (prefix_value, value) = (x.split([virtual, length], dim=2) for x in (key, value))
+        return merged_prefix_attention(query, key, value, prefix_key, prefix_value, scale)
     padded = torch.cat([query.new_zeros(*query.shape[:2], virtual, query.shape[3]), query], dim=2)
-    key, value = torch.cat([prefix_key, key], dim=2), torch.cat([prefix_value, value], dim=2)
-    return causal_attention(padded, key, value, dropout, scale).split([virtual, query.shape[2]], dim=2)[1]
+    return causal_attention(padded, key, value, dropout, scale).split([virtual, length], dim=2)[1]
+
+
+def merged_prefix_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    prefix_key: torch.Tensor,
+    prefix_value: torch.Tensor,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """`MergedPrefixAttention` of (B, heads, T, d) queries, their own (B, kv_heads, T, d) keys and values and
+    (B, kv_heads, V, d) prefix ones, for calls `merges` takes. (B, heads, T, d) out."""
+    out: torch.Tensor = MergedPrefixAttention.apply(query, key, value, prefix_key, prefix_value, scale)
+    return out
 
 
 def merges(query: torch.Tensor, dropout: float) -> bool:
@@ -84,7 +97,7 @@ class MergedPrefixAttention(torch.autograd.Function):
         value: torch.Tensor,
         prefix_key: torch.Tensor,
         prefix_value: torch.Tensor,
-        scale: float,
+        scale: float | None,
     ) -> torch.Tensor:
         own, own_lse = _FLASH(query, key, value, 0.0, True, scale=scale)
         prefix, prefix_lse = _FLASH(query, prefix_key, prefix_value, 0.0, False, scale=scale)

@@ -43,7 +43,7 @@ from petune.kernels.attention import (
     sdpa_forward,
     switch_attention,
 )
-from petune.kernels.prefix_attention import causal_attention_behind_prefix, merges
+from petune.kernels.prefix_attention import causal_attention_behind_prefix, merged_prefix_attention, merges
 from petune.methods.prompt_learning.cache import input_shape, labels_behind_virtual
 from petune.methods.prompt_learning.config import PromptLearningConfig
 from petune.methods.prompt_learning.encoder import VirtualTokenEncoder
@@ -96,9 +96,7 @@ class Packing:
         )
         virtual = causal_attention(virtual_query, virtual_key, virtual_value, 0.0, scale)  # (1, heads, V, d)
         prefix = (virtual_key.expand(self.rows, -1, -1, -1), virtual_value.expand(self.rows, -1, -1, -1))
-        rows = causal_attention_behind_prefix(
-            self.rows_of(query), self.rows_of(key), self.rows_of(value), *prefix, 0.0, scale
-        )
+        rows = merged_prefix_attention(self.rows_of(query), self.rows_of(key), self.rows_of(value), *prefix, scale)
         packed_rows = rows.transpose(1, 2).reshape(1, self.rows * self.length, *rows.shape[1::2])
         return torch.cat([virtual.transpose(1, 2), packed_rows], dim=1)
 
@@ -150,10 +148,7 @@ def attend_behind_prefix(
 ) -> torch.Tensor:
     """(B, heads, T, d) queries over (B, kv_heads, V + T, d) keys: every prefix key and the causal rest; (B, T,
     heads, d) out, without the explicit (T, V + T) mask transformers hands SDPA here."""
-    if key.shape[2] != virtual + query.shape[2]:
-        raise ValueError(f"expected {virtual} prefix keys before the {query.shape[2]} queries' own, got {key.shape[2]}")
-    (prefix_key, key), (prefix_value, value) = (x.split([virtual, query.shape[2]], dim=2) for x in (key, value))
-    return causal_attention_behind_prefix(query, key, value, prefix_key, prefix_value, dropout, scale).transpose(1, 2)
+    return causal_attention_behind_prefix(query, key, value, virtual, dropout, scale).transpose(1, 2)
 
 
 AttentionInterface.register(PACKED_ATTENTION, packed_attention)
