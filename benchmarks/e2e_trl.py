@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from e2e_sides import RESULT_PREFIX, SIDES, Settings, data_path, petune_order
-from sections import checkout, write_section
+from sections import stamped, write_section
 
 from petune.memory import allocator_environment
 
@@ -242,7 +242,7 @@ def main() -> None:
     parser.add_argument("--note", default="", help="said after the command in the section (e.g. the machine's load)")
     args = parser.parse_args()
     command = command_line("benchmarks/e2e_trl.py", sys.argv[1:])
-    note = ", ".join(part for part in (checkout(), args.note) if part)  # the code measured, then the user's note
+    note = stamped(args.note)
     run_section(settings_from(args), args.repeats, args.out, command, note)
 
 

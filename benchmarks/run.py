@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import e2e_trl  # benchmarks/, on the path when this file runs as a script
-from sections import checkout, write_section
+from sections import stamped, write_section
 
 HERE = Path(__file__).resolve().parent
 SECTION = "## Step table: petune vs HF PEFT (`make bench`)"
@@ -112,7 +112,7 @@ def main() -> None:
     args = parser.parse_args()
 
     command = e2e_trl.command_line("benchmarks/run.py", sys.argv[1:])
-    note = ", ".join(part for part in (checkout(), args.note) if part)  # the code measured, then the user's note
+    note = stamped(args.note)
     if not args.e2e_only:
         step_table(args, command, note)
     if not args.no_e2e:

@@ -37,6 +37,11 @@ def checkout() -> str:
     return f"commit {head}" + (" + uncommitted changes" if changed else "")
 
 
+def stamped(note: str) -> str:
+    """A section's note after its command: the code measured (`checkout`), then the user's `note`."""
+    return ", ".join(part for part in (checkout(), note) if part)
+
+
 def _git(*args: str) -> str:
     done = subprocess.run(["git", *args], cwd=HERE.parent, capture_output=True, text=True, check=True)
     return done.stdout.strip()

@@ -109,3 +109,11 @@ def test_a_checkpointing_row_is_judged_against_peft_without_checkpointing_in_the
     assert lines[2].endswith("| step missed by 0.18 (0.98x, target <= 0.8x); memory met (0.51x) |")
     assert lines[3].startswith("| lora | bf16 | off | 2.00 | 2.70 | 0.74 | 1300 | 2270 | 0.57 |")
     assert lines[4].endswith("memory met (0.32x) of peft without checkpointing |")  # 1100 / 3430, not / 2100
+
+
+def test_a_sections_note_is_the_commit_then_the_users_note(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sections, "checkout", lambda: "commit abc1234")
+    assert sections.stamped("idle") == "commit abc1234, idle"
+    assert sections.stamped("") == "commit abc1234"
+    monkeypatch.setattr(sections, "checkout", lambda: "")  # outside git
+    assert sections.stamped("idle") == "idle"
