@@ -104,7 +104,7 @@ class MergedPrefixAttention(torch.autograd.Function):
         lse = torch.logaddexp(own_lse, prefix_lse)
         own_weight = torch.exp(own_lse - lse).unsqueeze(-1)
         prefix_weight = torch.exp(prefix_lse - lse).unsqueeze(-1)
-        out = (own * own_weight + prefix * prefix_weight).to(query.dtype)
+        out = own.mul_(own_weight).addcmul_(prefix, prefix_weight)  # in the flash call's own output tensor
         ctx.save_for_backward(query, key, value, prefix_key, prefix_value, out, lse)
         ctx.scale = scale
         return out
