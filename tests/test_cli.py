@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from train.tiny import chat_rows, tiny_args, tiny_data, tiny_model_dir, tokenizer, write_jsonl
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
 from petune import PeftModel
 from petune.cli import main
 from petune.train.config import option_table
+from tests.train.tiny import chat_rows, tiny_args, tiny_data, tiny_model_dir, tokenizer, write_jsonl
 
 __all__ = ["tiny_data", "tiny_model_dir", "tokenizer"]  # fixtures
 

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import build_batch, build_tiny_model
 
 import petune
 from petune.loss import causal_lm_loss
+from tests.conftest import build_batch, build_tiny_model
 
 TOLERANCE = 0.01
 

@@ -78,7 +78,8 @@ def test_merge_and_unload(model: PreTrainedModel, batch: dict[str, torch.Tensor]
     merged = wrapped.merge_and_unload()
     assert type(merged).__name__ == "LlamaForCausalLM"
     assert not [n for n, m in merged.named_modules() if isinstance(m, AdapterLayer)]
-    torch.testing.assert_close(logits(merged, batch), expected, rtol=0, atol=1e-4)
+    # fp32 rounding through 30 merged layers: 1.5e-4 on an AMD EPYC (torch 2.13), under 1e-4 on the Intel Xeon
+    torch.testing.assert_close(logits(merged, batch), expected, rtol=0, atol=3e-4)
 
 
 def test_one_training_step_lowers_the_loss(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> None:

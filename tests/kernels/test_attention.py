@@ -7,12 +7,12 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import build_batch, build_tiny_model
 
 import petune
 from petune import kernels
 from petune.kernels import attention
 from petune.kernels.attention import KERNEL_ATTENTION, BlockedCausalAttention, causal_attention, takes
+from tests.conftest import build_batch, build_tiny_model
 
 
 def qkv(

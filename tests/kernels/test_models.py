@@ -8,13 +8,13 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import build_batch, build_tiny_model
 from torch.utils.checkpoint import checkpoint
 from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
 
 import petune
 from petune import kernels
 from petune.kernels import RMSNormFunction, SwiGLUFunction, attention
+from tests.conftest import build_batch, build_tiny_model
 
 TARGETS = {"q,v": ["q_proj", "v_proj"], "all-linear": "all-linear"}
 ADAPTED_NORMS = {"q,v": 1, "all-linear": 2}  # norms whose output an adapter keeps as its input too

@@ -7,7 +7,6 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import build_batch, build_tiny_model
 
 import petune
 from petune.kernels import attention, prefix_attention
@@ -16,6 +15,7 @@ from petune.kernels.prefix_attention import (
     causal_attention_behind_prefix,
     merged_prefix_attention,
 )
+from tests.conftest import build_batch, build_tiny_model
 
 
 def tensors(

@@ -5,10 +5,10 @@ from __future__ import annotations
 import peft
 import pytest
 import torch
-from prompt_helpers import VIRTUAL, logits, tiny_model, wrap
 
 import petune
 from petune import PromptEncoderConfig
+from tests.methods.prompt_helpers import VIRTUAL, logits, tiny_model, wrap
 
 # peft 0.21 calls a transformers 5 deprecated name when wrapping a model
 pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")

@@ -7,13 +7,13 @@ from typing import Any
 
 import pytest
 import torch
-from prompt_helpers import ARCHS, VIRTUAL, tiny_model, wrap
 
 import petune
 from petune import PrefixTuningConfig
 from petune.methods.prefix_tuning import PrefixCache
 from petune.methods.prefix_tuning import model as prefix_model
 from petune.methods.prompt_learning import packed_pass
+from tests.methods.prompt_helpers import ARCHS, VIRTUAL, tiny_model, wrap
 
 # transformers 5 renamed gradient_checkpointing_enable; the old name is what HF PEFT users call
 pytestmark = pytest.mark.filterwarnings("ignore:`gradient_checkpointing_enable` is deprecated:FutureWarning")

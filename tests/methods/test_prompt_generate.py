@@ -11,9 +11,9 @@ from typing import Any
 
 import pytest
 import torch
-from prompt_helpers import ARCHS, PAD, VARIANTS, greedy_gap, left_padded, logits, rows_of, wrap
 
 import petune
+from tests.methods.prompt_helpers import ARCHS, PAD, VARIANTS, greedy_gap, left_padded, logits, rows_of, wrap
 
 NEW_TOKENS = 5
 FLOAT_NOISE = 1e-4

@@ -14,10 +14,19 @@ from pathlib import Path
 import peft
 import pytest
 import torch
-from prompt_helpers import GQA_ARCHS, REPARAMETERIZED, VARIANTS, left_padded, logits, sgd_step, tiny_model, wrap
 from safetensors.torch import load_file
 
 import petune
+from tests.methods.prompt_helpers import (
+    GQA_ARCHS,
+    REPARAMETERIZED,
+    VARIANTS,
+    left_padded,
+    logits,
+    sgd_step,
+    tiny_model,
+    wrap,
+)
 
 TOLERANCE = 1e-4
 

@@ -6,12 +6,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from prompt_helpers import VIRTUAL, left_padded, logits, right_padded, rows_of, tiny_model, wrap
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 import petune
 from petune import PromptTuningConfig
+from tests.methods.prompt_helpers import VIRTUAL, left_padded, logits, right_padded, rows_of, tiny_model, wrap
 
 
 def local_tokenizer(folder: Path) -> Path:

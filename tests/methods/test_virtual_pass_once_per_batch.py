@@ -10,12 +10,12 @@ from typing import Any
 
 import pytest
 import torch
-from prompt_helpers import ARCHS, VIRTUAL, left_padded, right_padded, tiny_model, wrap
 
 import petune
 from petune.loss import causal_lm_loss
 from petune.methods.prompt_learning import method as prompt_method
 from petune.methods.prompt_learning.packed_pass import PACKED_ATTENTION, Packing, packed_attention
+from tests.methods.prompt_helpers import ARCHS, VIRTUAL, left_padded, right_padded, tiny_model, wrap
 
 SHARING = ("prompt", "p_tuning_mlp", "p_tuning_lstm")
 LAYOUTS = ("packed", "shared")

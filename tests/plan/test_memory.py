@@ -10,7 +10,6 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import build_tiny_model
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
 import petune
@@ -21,6 +20,7 @@ from petune.plan.gpus import GIB, Device
 from petune.plan.memory import largest_fitting, layer_activation_bytes
 from petune.plan.setup import LINEAR_NAMES
 from petune.train import UserError
+from tests.conftest import build_tiny_model
 
 # Published totals: exact where known (hub safetensors metadata, GGUF metadata), else the papers' or model
 # cards' rounded figures.

@@ -1,5 +1,5 @@
 """The tiny-model fixtures of `tiny.py`, for every test under tests/train."""
 
-from train.tiny import tiny_data, tiny_model_dir, tokenizer
+from tests.train.tiny import tiny_data, tiny_model_dir, tokenizer
 
 __all__ = ["tiny_data", "tiny_model_dir", "tokenizer"]

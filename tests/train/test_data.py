@@ -21,7 +21,7 @@ from petune.train.data import (
     read_rows,
     tokenize,
 )
-from train.tiny import chat_rows, write_jsonl
+from tests.train.tiny import chat_rows, write_jsonl
 
 
 def trained_text(example: Example, tokenizer: PreTrainedTokenizerBase) -> str:

@@ -12,7 +12,7 @@ from petune.cli import main
 from petune.train.commands import run_eval
 from petune.train.config import build_config
 from petune.train.methods import learning_rate, parameter_counts, peft_config
-from train.tiny import assert_every_weight_moved, tiny_args
+from tests.train.tiny import assert_every_weight_moved, tiny_args
 
 FULL = ["--method", "full", "--max-steps", "6", "--save-every", "0"]
 

@@ -10,7 +10,7 @@ import torch
 from transformers.models.llama.modeling_llama import LlamaAttention
 
 from petune.cli import main
-from train.tiny import tiny_args, trained_tensors
+from tests.train.tiny import tiny_args, trained_tensors
 
 QUICK = ["--eval-samples", "0", "--eval-before", "false", "--save-every", "0", "--eval-every", "0"]
 

@@ -17,7 +17,7 @@ import torch
 from petune.cli import main
 from petune.train.config import build_config
 from petune.train.loop import lr_at, micro_batches
-from train.tiny import assert_every_weight_moved, tiny_args, trained_tensors
+from tests.train.tiny import assert_every_weight_moved, tiny_args, trained_tensors
 
 QUICK = ["--eval-samples", "0", "--eval-before", "false", "--lora.target-modules", "all-linear"]
 
