@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from petune.config import PeftConfig, PeftType, TaskType
     from petune.layers import BASE_ADAPTER
+    from petune.methods.ia3 import IA3Config
     from petune.methods.lora import LoraConfig, create_loraplus_optimizer
     from petune.methods.p_tuning import PromptEncoderConfig, PromptEncoderReparameterizationType
     from petune.methods.prefix_tuning import PrefixTuningConfig
@@ -33,6 +34,7 @@ __version__ = "0.1.0"
 
 _SOURCES = {
     "BASE_ADAPTER": "petune.layers",
+    "IA3Config": "petune.methods.ia3",
     "LoraConfig": "petune.methods.lora",
     "PeftConfig": "petune.config",
     "PeftModel": "petune.peft_model",
@@ -54,6 +56,7 @@ _SOURCES = {
 
 __all__ = [
     "BASE_ADAPTER",
+    "IA3Config",
     "LoraConfig",
     "PeftConfig",
     "PeftModel",

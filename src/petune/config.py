@@ -35,6 +35,11 @@ class PeftType(str, enum.Enum):
     PROMPT_TUNING = "PROMPT_TUNING"
     P_TUNING = "P_TUNING"
     PREFIX_TUNING = "PREFIX_TUNING"
+    IA3 = "IA3"
+    LN_TUNING = "LN_TUNING"
+    LOHA = "LOHA"
+    LOKR = "LOKR"
+    VERA = "VERA"
 
 
 # Classification heads HF PEFT trains and saves for SEQ_CLS without being asked.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from petune.config import PeftType
 from petune.methods.base import Method
+from petune.methods.ia3 import IA3
 from petune.methods.lora import Lora
 from petune.methods.p_tuning import PTuning
 from petune.methods.prefix_tuning import PrefixTuning
@@ -14,6 +15,7 @@ METHODS: dict[str, type[Method]] = {
     PeftType.PROMPT_TUNING.value: PromptTuning,
     PeftType.P_TUNING.value: PTuning,
     PeftType.PREFIX_TUNING.value: PrefixTuning,
+    PeftType.IA3.value: IA3,
 }
 
 

@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from petune.layers import AdapterLayer
 from petune.methods.lora.project_down import project_down
-from petune.quantization import dequantize_4bit, is_4bit
+from petune.methods.weight_layer import WeightLayer
 
 
 class LoraAdapter(nn.Module):
@@ -47,23 +45,12 @@ class LoraAdapter(nn.Module):
         return self.scaling * (self.lora_B.weight @ self.lora_A.weight)
 
 
-class LoraLayer(AdapterLayer):
+class LoraLayer(WeightLayer):
     """Wraps `nn.Linear` or GPT-2's `Conv1D` (whose weight is stored transposed, `fan_in_fan_out`)."""
 
     def __init__(self, base_layer: nn.Module, fan_in_fan_out: bool) -> None:
-        super().__init__(base_layer)
-        self.fan_in_fan_out = fan_in_fan_out
-        weight = self.base_weight()
-        self.out_features, self.in_features = weight.shape
-        self.merged: list[str] = []
+        super().__init__(base_layer, fan_in_fan_out)
         self._merged_dora_norms: dict[str, torch.Tensor] = {}
-
-    def base_weight(self) -> torch.Tensor:
-        """The frozen weight as (out, in), dequantised if the base layer is 4-bit."""
-        weight: torch.Tensor = self.base_layer.weight  # type: ignore[assignment]
-        if is_4bit(weight):
-            weight = dequantize_4bit(weight)
-        return weight.T if self.fan_in_fan_out else weight
 
     def add(self, name: str, r: int, alpha: float, dropout: float, rslora: bool, dora: bool, init: Any) -> None:
         adapter = LoraAdapter(self.in_features, self.out_features, r, alpha, dropout, rslora, dora)
@@ -103,34 +90,6 @@ class LoraLayer(AdapterLayer):
         residual = weight - adapter.delta_weight()
         self._set_base_weight(residual)
 
-    def _set_base_weight(self, weight: torch.Tensor) -> None:
-        target: torch.Tensor = self.base_layer.weight  # type: ignore[assignment]
-        if is_4bit(target):
-            self._dequantise_base_layer()
-            target = self.base_layer.weight  # type: ignore[assignment]
-        target.data.copy_((weight.T if self.fan_in_fan_out else weight).to(target.dtype))
-
-    def _dequantise_base_layer(self) -> None:
-        """Swap a 4-bit base layer for a dense one in its compute dtype, so a merge is exact.
-
-        Re-quantising W + s B A to 4 bits would add an error as large as the update itself (NF4 steps
-        are ~1/16 of a block's range), so petune keeps the merged layer dense and says so.
-        """
-        base = self.base_layer
-        dtype = getattr(base, "compute_dtype", None) or torch.bfloat16
-        bias: torch.Tensor | None = getattr(base, "bias", None)
-        dense = nn.Linear(self.in_features, self.out_features, bias=bias is not None, dtype=dtype)
-        dense.to(base.weight.device)  # type: ignore[arg-type]
-        with torch.no_grad():
-            dense.weight.copy_(self.base_weight().to(dtype))
-            if bias is not None:
-                dense.bias.copy_(bias.to(dtype))
-        dense.requires_grad_(False)
-        warnings.warn(
-            f"merging into a 4-bit layer: dequantised it to a dense {dtype} layer (not re-quantised)", stacklevel=5
-        )
-        self.base_layer = dense
-
     def _dora_weight_norm(self, adapter: LoraAdapter) -> torch.Tensor:
         """||W + s B A|| per output row, shape (out,); DoRA treats it as a constant (section 4.3)."""
         weight = self.base_weight().to(adapter.lora_A.weight.dtype)
@@ -138,14 +97,7 @@ class LoraLayer(AdapterLayer):
 
     def forward_adapter(self, name: str | None, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         result: torch.Tensor = self.base_layer(x, *args, **kwargs)
-        if self.merged:
-            if name not in self.merged:
-                raise RuntimeError(
-                    f"adapters {self.merged} are merged into the weights; call unmerge_adapter() before "
-                    f"running with {'no adapter' if name is None else repr(name)}"
-                )
-            return result
-        if name is None:
+        if self.check_merged(name) or name is None:
             return result
         adapter: LoraAdapter = self.adapters[name]  # type: ignore[assignment]
         if adapter.lora_magnitude_vector is None and isinstance(adapter.lora_dropout, nn.Identity):
@@ -176,10 +128,7 @@ class LoraLayer(AdapterLayer):
             norm = torch.linalg.vector_norm(merged, dim=1)
             self._merged_dora_norms[name] = norm
             merged = merged * (adapter.lora_magnitude_vector.float() / norm).unsqueeze(1)
-        if safe_merge and not torch.isfinite(merged).all():
-            raise ValueError(f"merging adapter {name!r} would put NaN or inf into the weights; not merged")
-        self._set_base_weight(merged)
-        self.merged.append(name)
+        self.write_merged(name, merged, safe_merge)
 
     @torch.no_grad()
     def unmerge(self) -> None:
