@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from petune.config import PeftConfig, PeftType, TaskType
     from petune.layers import BASE_ADAPTER
     from petune.methods.ia3 import IA3Config
+    from petune.methods.ln_tuning import LNTuningConfig
     from petune.methods.lora import LoraConfig, create_loraplus_optimizer
     from petune.methods.p_tuning import PromptEncoderConfig, PromptEncoderReparameterizationType
     from petune.methods.prefix_tuning import PrefixTuningConfig
@@ -35,6 +36,7 @@ __version__ = "0.1.0"
 _SOURCES = {
     "BASE_ADAPTER": "petune.layers",
     "IA3Config": "petune.methods.ia3",
+    "LNTuningConfig": "petune.methods.ln_tuning",
     "LoraConfig": "petune.methods.lora",
     "PeftConfig": "petune.config",
     "PeftModel": "petune.peft_model",
@@ -57,6 +59,7 @@ _SOURCES = {
 __all__ = [
     "BASE_ADAPTER",
     "IA3Config",
+    "LNTuningConfig",
     "LoraConfig",
     "PeftConfig",
     "PeftModel",

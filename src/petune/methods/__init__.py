@@ -5,6 +5,7 @@ from __future__ import annotations
 from petune.config import PeftType
 from petune.methods.base import Method
 from petune.methods.ia3 import IA3
+from petune.methods.ln_tuning import LNTuning
 from petune.methods.lora import Lora
 from petune.methods.p_tuning import PTuning
 from petune.methods.prefix_tuning import PrefixTuning
@@ -16,6 +17,7 @@ METHODS: dict[str, type[Method]] = {
     PeftType.P_TUNING.value: PTuning,
     PeftType.PREFIX_TUNING.value: PrefixTuning,
     PeftType.IA3.value: IA3,
+    PeftType.LN_TUNING.value: LNTuning,
 }
 
 

@@ -59,7 +59,11 @@ class LayerTuner(Method):
         model_type = getattr(getattr(self.model, "config", None), "model_type", None)
         if model_type in self.default_targets:
             return list(self.default_targets[model_type])
-        return targets.default_target_modules(self.model)  # its error names the model's linear layers
+        raise ValueError(
+            f"target_modules is not set and petune has no {type(self).__name__} default for model type "
+            f"{model_type!r}; pass target_modules=[...] from the model's {self.supported_type_names} layers: "
+            f"{', '.join(self.supported_layer_names())}"
+        )
 
     def target_names(self, config: PeftConfig) -> list[str]:
         """Qualified names of the modules `config` adapts, or an error listing the candidates."""
