@@ -16,6 +16,8 @@ if TYPE_CHECKING:
     from petune.layers import BASE_ADAPTER
     from petune.methods.ia3 import IA3Config
     from petune.methods.ln_tuning import LNTuningConfig
+    from petune.methods.loha import LoHaConfig
+    from petune.methods.lokr import LoKrConfig
     from petune.methods.lora import LoraConfig, create_loraplus_optimizer
     from petune.methods.p_tuning import PromptEncoderConfig, PromptEncoderReparameterizationType
     from petune.methods.prefix_tuning import PrefixTuningConfig
@@ -37,6 +39,8 @@ _SOURCES = {
     "BASE_ADAPTER": "petune.layers",
     "IA3Config": "petune.methods.ia3",
     "LNTuningConfig": "petune.methods.ln_tuning",
+    "LoHaConfig": "petune.methods.loha",
+    "LoKrConfig": "petune.methods.lokr",
     "LoraConfig": "petune.methods.lora",
     "PeftConfig": "petune.config",
     "PeftModel": "petune.peft_model",
@@ -60,6 +64,8 @@ __all__ = [
     "BASE_ADAPTER",
     "IA3Config",
     "LNTuningConfig",
+    "LoHaConfig",
+    "LoKrConfig",
     "LoraConfig",
     "PeftConfig",
     "PeftModel",

@@ -6,6 +6,8 @@ from petune.config import PeftType
 from petune.methods.base import Method
 from petune.methods.ia3 import IA3
 from petune.methods.ln_tuning import LNTuning
+from petune.methods.loha import LoHa
+from petune.methods.lokr import LoKr
 from petune.methods.lora import Lora
 from petune.methods.p_tuning import PTuning
 from petune.methods.prefix_tuning import PrefixTuning
@@ -18,6 +20,8 @@ METHODS: dict[str, type[Method]] = {
     PeftType.PREFIX_TUNING.value: PrefixTuning,
     PeftType.IA3.value: IA3,
     PeftType.LN_TUNING.value: LNTuning,
+    PeftType.LOHA.value: LoHa,
+    PeftType.LOKR.value: LoKr,
 }
 
 

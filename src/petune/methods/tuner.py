@@ -144,3 +144,9 @@ def conv1d_fan_in_fan_out(module_name: str, module: nn.Module, config: Any) -> b
         warnings.warn(f"{module_name} is {layout}; setting fan_in_fan_out={stored_transposed}", stacklevel=5)
         config.fan_in_fan_out = stored_transposed
     return stored_transposed
+
+
+def per_module(pattern: dict[str, Any], module_name: str, default: Any) -> Any:
+    """The value `rank_pattern` / `alpha_pattern` give module `module_name`, else `default`."""
+    key = targets.pattern_key(list(pattern), module_name)
+    return pattern[key] if key else default

@@ -5,12 +5,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from petune import targets
 from petune.config import PeftConfig
 from petune.layers import ModulesToSave, adapter_layers
 from petune.methods.lora.config import LoraConfig
 from petune.methods.lora.layer import LoraLayer
-from petune.methods.tuner import LayerTuner, conv1d_fan_in_fan_out
+from petune.methods.tuner import LayerTuner, conv1d_fan_in_fan_out, per_module
 
 
 class Lora(LayerTuner):
@@ -43,10 +42,8 @@ class Lora(LayerTuner):
 
     def add_to_layer(self, layer: LoraLayer, module_name: str, name: str, config: PeftConfig) -> None:
         assert isinstance(config, LoraConfig)
-        rank_key = targets.pattern_key(list(config.rank_pattern), module_name)
-        alpha_key = targets.pattern_key(list(config.alpha_pattern), module_name)
-        r = config.rank_pattern[rank_key] if rank_key else config.r
-        alpha = config.alpha_pattern[alpha_key] if alpha_key else config.lora_alpha
+        r = per_module(config.rank_pattern, module_name, config.r)
+        alpha = per_module(config.alpha_pattern, module_name, config.lora_alpha)
         layer.add(name, r, alpha, config.lora_dropout, config.use_rslora, config.use_dora, config.init_lora_weights)
 
     def _set_bias_trainable(self, name: str, config: LoraConfig) -> None:
