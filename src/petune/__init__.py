@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from petune.methods.p_tuning import PromptEncoderConfig, PromptEncoderReparameterizationType
     from petune.methods.prefix_tuning import PrefixTuningConfig
     from petune.methods.prompt_tuning import PromptTuningConfig, PromptTuningInit
+    from petune.methods.vera import VeraConfig
     from petune.peft_model import (
         PeftModel,
         PeftModelForCausalLM,
@@ -56,6 +57,7 @@ _SOURCES = {
     "PromptTuningConfig": "petune.methods.prompt_tuning",
     "PromptTuningInit": "petune.methods.prompt_tuning",
     "TaskType": "petune.config",
+    "VeraConfig": "petune.methods.vera",
     "create_loraplus_optimizer": "petune.methods.lora",
     "get_peft_model": "petune.peft_model",
 }
@@ -81,6 +83,7 @@ __all__ = [
     "PromptTuningConfig",
     "PromptTuningInit",
     "TaskType",
+    "VeraConfig",
     "__version__",
     "create_loraplus_optimizer",
     "get_peft_model",

@@ -12,6 +12,7 @@ from petune.methods.lora import Lora
 from petune.methods.p_tuning import PTuning
 from petune.methods.prefix_tuning import PrefixTuning
 from petune.methods.prompt_tuning import PromptTuning
+from petune.methods.vera import Vera
 
 METHODS: dict[str, type[Method]] = {
     PeftType.LORA.value: Lora,
@@ -22,6 +23,7 @@ METHODS: dict[str, type[Method]] = {
     PeftType.LN_TUNING.value: LNTuning,
     PeftType.LOHA.value: LoHa,
     PeftType.LOKR.value: LoKr,
+    PeftType.VERA.value: Vera,
 }
 
 

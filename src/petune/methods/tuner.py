@@ -47,8 +47,9 @@ class LayerTuner(Method):
         return None
 
     def new_layer(self, module_name: str, module: nn.Module, config: PeftConfig) -> AdapterLayer:
-        """`module` wrapped in this method's layer (no adapter yet)."""
-        raise NotImplementedError
+        """`module` wrapped in this method's layer (no adapter yet); by default a `WeightLayer` subclass's
+        `layer_class(module, fan_in_fan_out)`, which is set for GPT-2's `Conv1D`."""
+        return self.layer_class(module, conv1d_fan_in_fan_out(module_name, module, config))  # type: ignore[call-arg]
 
     def add_to_layer(self, layer: Any, module_name: str, name: str, config: PeftConfig) -> None:
         """Give `layer` (this method's layer, at `module_name`) adapter `name`."""

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import re
 
-from torch import nn
-
 from petune.config import PeftConfig
 from petune.methods.ia3.config import IA3Config
 from petune.methods.ia3.layer import IA3Layer
-from petune.methods.tuner import LayerTuner, conv1d_fan_in_fan_out
+from petune.methods.tuner import LayerTuner
 
 # HF PEFT's defaults: the keys, values and feed-forward output projection (the paper's three places).
 IA3_TARGET_MODULES: dict[str, list[str]] = {
@@ -63,9 +61,6 @@ class IA3(LayerTuner):
             f"IA3Config.feedforward_modules is not set and petune has no default for model type {model_type!r}: "
             f"pass feedforward_modules=[...] (targets whose input is rescaled; [] for none)"
         )
-
-    def new_layer(self, module_name: str, module: nn.Module, config: PeftConfig) -> IA3Layer:
-        return IA3Layer(module, conv1d_fan_in_fan_out(module_name, module, config))
 
     def add_to_layer(self, layer: IA3Layer, module_name: str, name: str, config: PeftConfig) -> None:
         assert isinstance(config, IA3Config)

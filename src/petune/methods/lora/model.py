@@ -9,7 +9,7 @@ from petune.config import PeftConfig
 from petune.layers import ModulesToSave, adapter_layers
 from petune.methods.lora.config import LoraConfig
 from petune.methods.lora.layer import LoraLayer
-from petune.methods.tuner import LayerTuner, conv1d_fan_in_fan_out, per_module
+from petune.methods.tuner import LayerTuner, per_module
 
 
 class Lora(LayerTuner):
@@ -35,10 +35,6 @@ class Lora(LayerTuner):
         super().add(name, config)
         self._set_bias_trainable(name, config)
         return None
-
-    def new_layer(self, module_name: str, module: nn.Module, config: PeftConfig) -> LoraLayer:
-        assert isinstance(config, LoraConfig)
-        return LoraLayer(module, conv1d_fan_in_fan_out(module_name, module, config))
 
     def add_to_layer(self, layer: LoraLayer, module_name: str, name: str, config: PeftConfig) -> None:
         assert isinstance(config, LoraConfig)
