@@ -44,6 +44,7 @@ class LayerTuner(Method):
                 module = self.new_layer(module_name, module, config)
                 replace_module(self.model, module_name, module)
             self.add_to_layer(module, module_name, name, config)
+            module.train(self.model.training)  # new modules start in training mode: an eval model stays in eval
         return None
 
     def new_layer(self, module_name: str, module: nn.Module, config: PeftConfig) -> AdapterLayer:

@@ -18,7 +18,21 @@ import yaml
 
 from petune.train import UserError
 
-METHOD_NAMES = ("full", "lora", "dora", "rslora", "qlora", "prompt", "ptuning", "prefix")
+METHOD_NAMES = (
+    "full",
+    "lora",
+    "dora",
+    "rslora",
+    "qlora",
+    "prompt",
+    "ptuning",
+    "prefix",
+    "ia3",
+    "ln_tuning",
+    "loha",
+    "lokr",
+    "vera",
+)
 SCHEDULES = ("linear", "cosine", "constant")
 PRECISIONS = ("auto", "bf16", "fp32")
 
@@ -76,6 +90,61 @@ class PrefixOptions:
     encoder_hidden_size: int = option(512, "hidden size of that MLP")
 
 
+TARGETS_HELP = "layers to adapt: comma-separated names, or all-linear; default: the method's usual layers"
+
+
+@dataclass
+class IA3Options:
+    """(IA)^3 (Liu et al. 2022); names as in `IA3Config`. Default: the keys, values and down projection."""
+
+    target_modules: list[str] | None = option(None, TARGETS_HELP)  # noqa: RUF009
+    feedforward_modules: list[str] | None = option(  # noqa: RUF009
+        None, "targets whose input (not output) is rescaled; default: the feed-forward output projection"
+    )
+
+
+@dataclass
+class LnTuningOptions:
+    """LN tuning (Zhao et al. 2024); names as in `LNTuningConfig`. Default: every normalisation layer."""
+
+    target_modules: list[str] | None = option(None, "modules to tune; default: the normalisation layers")  # noqa: RUF009
+
+
+@dataclass
+class LohaOptions:
+    """LoHa (Hyeon-Woo et al. 2022); names as in `LoHaConfig`."""
+
+    r: int = option(8, "rank of each of the two factor pairs")
+    alpha: float = option(16.0, "the update is scaled by alpha / r")
+    rank_dropout: float = option(0.0, "in training, drop each output row of the update with this probability")
+    module_dropout: float = option(0.0, "in training, skip the whole update with this probability")
+    target_modules: list[str] | None = option(None, TARGETS_HELP)  # noqa: RUF009
+
+
+@dataclass
+class LokrOptions:
+    """LoKr (Yeh et al. 2023); names as in `LoKrConfig`."""
+
+    r: int = option(8, "rank of the second Kronecker factor when it is decomposed")
+    alpha: float = option(16.0, "the update is scaled by alpha / r")
+    decompose_both: bool = option(False, "also write the first Kronecker factor as a rank-r product")
+    decompose_factor: int = option(-1, "split each dimension with one factor near this (-1: near its square root)")
+    rank_dropout: float = option(0.0, "in training, drop each output row of the update with this probability")
+    module_dropout: float = option(0.0, "in training, skip the whole update with this probability")
+    target_modules: list[str] | None = option(None, TARGETS_HELP)  # noqa: RUF009
+
+
+@dataclass
+class VeraOptions:
+    """VeRA (Kopiczko et al. 2024); names as in `VeraConfig`."""
+
+    r: int = option(256, "rank of the shared frozen random matrices (costs no trained parameters but d)")
+    d_initial: float = option(0.1, "initial value of the trained scaling vector d")
+    vera_dropout: float = option(0.0, "dropout on the input of the VeRA path")
+    projection_prng_key: int = option(0, "seed of the shared random matrices")
+    target_modules: list[str] | None = option(None, TARGETS_HELP)  # noqa: RUF009
+
+
 @dataclass
 class TrainConfig:
     """Everything `petune train` does. The defaults are the demo run on the embedded SmolLM2-135M-Instruct."""
@@ -89,7 +158,10 @@ class TrainConfig:
     max_steps: int = option(30, "optimizer steps")
     batch_size: int = option(8, "records per micro-batch, per process")
     grad_accum: int = option(1, "micro-batches per optimizer step (global batch = batch-size x grad-accum x nproc)")
-    lr: float | None = option(None, "peak learning rate; default: 1e-4 full, 2e-3 LoRA methods, 3e-2 prompt methods")
+    lr: float | None = option(
+        None,
+        "peak learning rate; default: 1e-4 full, 2e-3 LoRA/LoHa/LoKr, 1e-2 IA3/LN tuning/VeRA, 3e-2 prompt methods",
+    )
     schedule: str = option("cosine", f"learning-rate schedule after warmup: {' | '.join(SCHEDULES)}")
     warmup_steps: int = option(3, "steps of linear warmup from 0 to --lr")
     weight_decay: float = option(0.0, "AdamW weight decay")
@@ -115,6 +187,11 @@ class TrainConfig:
     prompt: PromptOptions = field(default_factory=PromptOptions)
     ptuning: PtuningOptions = field(default_factory=PtuningOptions)
     prefix: PrefixOptions = field(default_factory=PrefixOptions)
+    ia3: IA3Options = field(default_factory=IA3Options)
+    ln_tuning: LnTuningOptions = field(default_factory=LnTuningOptions)
+    loha: LohaOptions = field(default_factory=LohaOptions)
+    lokr: LokrOptions = field(default_factory=LokrOptions)
+    vera: VeraOptions = field(default_factory=VeraOptions)
 
     def __post_init__(self) -> None:
         choices = {"method": METHOD_NAMES, "schedule": SCHEDULES, "precision": PRECISIONS}

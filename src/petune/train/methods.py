@@ -67,6 +67,34 @@ def _prefix(cfg: TrainConfig, model_path: str) -> PeftConfig:
     return _prompt_config("PrefixTuningConfig", "prefix")(task_type=TaskType.CAUSAL_LM, **options)
 
 
+def _section(cfg: TrainConfig, section: str, class_name: str) -> PeftConfig:
+    """The adapter config `class_name` built from option section `section` (a list ["all-linear"] made a string)."""
+    options = dataclasses.asdict(getattr(cfg, section))
+    if options.get("target_modules") == ["all-linear"]:
+        options["target_modules"] = "all-linear"
+    return _prompt_config(class_name, cfg.method)(task_type=TaskType.CAUSAL_LM, **options)
+
+
+def _ia3(cfg: TrainConfig, model_path: str) -> PeftConfig:
+    return _section(cfg, "ia3", "IA3Config")
+
+
+def _ln_tuning(cfg: TrainConfig, model_path: str) -> PeftConfig:
+    return _section(cfg, "ln_tuning", "LNTuningConfig")
+
+
+def _loha(cfg: TrainConfig, model_path: str) -> PeftConfig:
+    return _section(cfg, "loha", "LoHaConfig")
+
+
+def _lokr(cfg: TrainConfig, model_path: str) -> PeftConfig:
+    return _section(cfg, "lokr", "LoKrConfig")
+
+
+def _vera(cfg: TrainConfig, model_path: str) -> PeftConfig:
+    return _section(cfg, "vera", "VeraConfig")
+
+
 @dataclass(frozen=True)
 class Method:
     """A `--method`: its default peak learning rate, and the adapter config it builds from `(cfg, model
@@ -85,6 +113,11 @@ METHODS: dict[str, Method] = {
     "prompt": Method(3e-2, _prompt),
     "ptuning": Method(3e-2, _ptuning),
     "prefix": Method(3e-2, _prefix),
+    "ia3": Method(1e-2, _ia3),
+    "ln_tuning": Method(1e-2, _ln_tuning),
+    "loha": Method(2e-3, _loha),
+    "lokr": Method(2e-3, _lokr),
+    "vera": Method(1e-2, _vera),
 }
 
 
