@@ -13,6 +13,7 @@ model for every method.
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -27,6 +28,9 @@ import yaml
 from petune.train import UserError
 
 DEFAULT_METHODS = ("full", "lora", "dora", "prompt", "ptuning", "prefix")
+# The methods `petune plan` counts from the model's shape; the others are counted from their saved adapter.
+PLANNED_METHODS = ("full", "lora", "dora", "rslora", "qlora", "prompt", "ptuning", "prefix")
+FROZEN_SAVED_KEYS = ("base_model.vera_A", "base_model.vera_B")
 
 
 @dataclass
@@ -134,6 +138,8 @@ def _trainable_params(run_dir: Path) -> int | None:
         return None
     cfg = yaml.safe_load(path.read_text())
     method = cfg["method"]
+    if method not in PLANNED_METHODS:
+        return _saved_trainable_params(run_dir)
     options = cfg.get(method if method in ("prompt", "ptuning", "prefix") else "lora", {})
     targets = options.get("target_modules") or ["q_proj", "v_proj"]
     try:
@@ -150,6 +156,19 @@ def _trainable_params(run_dir: Path) -> int | None:
     if method == "prefix" and options.get("prefix_projection"):
         return None  # the plan counts prefix tuning without its projection MLP
     return adapter_params(arch, setup)
+
+
+def _saved_trainable_params(run_dir: Path) -> int | None:
+    """Elements of the run's saved adapter, less what never trains (VeRA's frozen shared projection): for the
+    methods `petune plan` does not count, whose files hold exactly their trained tensors besides that."""
+    from safetensors import safe_open
+
+    path = run_dir / "adapter" / "adapter_model.safetensors"
+    if not path.is_file():
+        return None
+    with safe_open(str(path), framework="pt") as tensors:
+        names = [key for key in tensors.keys() if key not in FROZEN_SAVED_KEYS]  # noqa: SIM118 (not a dict)
+        return sum(math.prod(tensors.get_slice(key).get_shape()) for key in names)
 
 
 def rows_as_dicts(rows: list[Row]) -> list[dict[str, Any]]:
