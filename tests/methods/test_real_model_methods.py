@@ -1,0 +1,52 @@
+"""IA3, LN tuning, LoHa, LoKr and VeRA on the embedded SmolLM2-135M-Instruct (fp32, CPU): petune's adapter
+loads into the real `peft` with the same logits, on the model the demo trains. A few seconds per method."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import peft
+import pytest
+import torch
+
+import petune
+from petune import get_peft_model
+from petune.embedded import load_model_and_tokenizer
+from tests.methods.tuner_checks import perturb
+
+pytestmark = pytest.mark.real_model
+
+METHODS: dict[str, dict[str, Any]] = {
+    "IA3Config": {},
+    "LNTuningConfig": {},
+    "LoHaConfig": {"r": 4, "target_modules": ["q_proj", "down_proj"]},
+    "LoKrConfig": {"r": 4, "target_modules": ["k_proj", "up_proj"]},
+    "VeraConfig": {"r": 64},
+}
+
+
+@pytest.fixture(scope="module")
+def batch() -> dict[str, torch.Tensor]:
+    tokenizer = load_model_and_tokenizer()[1]
+    return dict(tokenizer(["The capital of France is", "Adapters make fine-tuning"], return_tensors="pt", padding=True))
+
+
+def logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    with torch.no_grad():
+        result: torch.Tensor = model(**batch).logits
+    return result
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_petune_adapter_loads_in_peft(method: str, batch: dict[str, torch.Tensor], tmp_path: Path) -> None:
+    model = load_model_and_tokenizer()[0].eval()
+    base = logits(model, batch)
+    wrapped = get_peft_model(model, getattr(petune, method)(task_type="CAUSAL_LM", **METHODS[method]))
+    torch.testing.assert_close(logits(wrapped, batch), base, rtol=0, atol=1e-5)  # every method starts unchanged
+    perturb(wrapped, seed=0, scale=0.05)
+    expected = logits(wrapped, batch)
+    assert (expected - base).abs().max() > 1e-2
+    wrapped.save_pretrained(tmp_path)
+    reference = peft.PeftModel.from_pretrained(load_model_and_tokenizer()[0].eval(), tmp_path)
+    torch.testing.assert_close(logits(reference, batch), expected, rtol=0, atol=1e-5)
