@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from petune.config import PeftConfig, PeftType, TaskType
     from petune.layers import BASE_ADAPTER
+    from petune.methods.hra import HRAConfig
     from petune.methods.ia3 import IA3Config
     from petune.methods.ln_tuning import LNTuningConfig
     from petune.methods.loha import LoHaConfig
@@ -38,6 +39,7 @@ __version__ = "0.1.0"
 
 _SOURCES = {
     "BASE_ADAPTER": "petune.layers",
+    "HRAConfig": "petune.methods.hra",
     "IA3Config": "petune.methods.ia3",
     "LNTuningConfig": "petune.methods.ln_tuning",
     "LoHaConfig": "petune.methods.loha",
@@ -64,6 +66,7 @@ _SOURCES = {
 
 __all__ = [
     "BASE_ADAPTER",
+    "HRAConfig",
     "IA3Config",
     "LNTuningConfig",
     "LoHaConfig",

@@ -40,6 +40,7 @@ class PeftType(str, enum.Enum):
     LOHA = "LOHA"
     LOKR = "LOKR"
     VERA = "VERA"
+    HRA = "HRA"
 
 
 # Classification heads HF PEFT trains and saves for SEQ_CLS without being asked.

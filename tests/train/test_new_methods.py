@@ -1,4 +1,4 @@
-"""`petune train --method ia3 | ln_tuning | loha | lokr | vera`: options as flags or YAML, a tiny run each.
+"""`petune train --method ia3 | ln_tuning | loha | lokr | vera | hra`: options as flags or YAML, a tiny run each.
 
 Each run's saved adapter loads into the real `peft` and gives the outputs petune gives, and training moved
 every saved trainable tensor away from its initial value.
@@ -26,6 +26,7 @@ NEW = {
     "loha": ("LoHaConfig", {"loha.r": 4, "loha.alpha": 4, "loha.module_dropout": 0.1}),
     "lokr": ("LoKrConfig", {"lokr.r": 2, "lokr.decompose_both": "true", "lokr.target_modules": "all-linear"}),
     "vera": ("VeraConfig", {"vera.r": 16, "vera.d_initial": 0.2, "vera.projection_prng_key": 3}),
+    "hra": ("HRAConfig", {"hra.r": 4, "hra.apply_GS": "false", "hra.target_modules": "q_proj,o_proj"}),
 }
 
 
@@ -40,8 +41,8 @@ def test_options_build_the_methods_config(method: str) -> None:
         expected = value
         if field.endswith("modules"):
             expected = "all-linear" if value == "all-linear" else sorted(str(value).split(","))
-        elif value == "true":
-            expected = True
+        elif value in ("true", "false"):
+            expected = value == "true"
         assert written == expected, field
     assert learning_rate(build_config({"method": method})) > 0
 

@@ -32,6 +32,7 @@ METHOD_NAMES = (
     "loha",
     "lokr",
     "vera",
+    "hra",
 )
 SCHEDULES = ("linear", "cosine", "constant")
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -146,6 +147,15 @@ class VeraOptions:
 
 
 @dataclass
+class HraOptions:
+    """HRA (Yuan et al. 2024); names as in `HRAConfig`."""
+
+    r: int = option(8, "number of Householder reflections (even: the model starts unchanged)")
+    apply_GS: bool = option(False, "orthonormalise the reflection vectors first (Gram-Schmidt)")
+    target_modules: list[str] | None = option(None, TARGETS_HELP)  # noqa: RUF009
+
+
+@dataclass
 class TrainConfig:
     """Everything `petune train` does. The defaults are the demo run on the embedded SmolLM2-135M-Instruct."""
 
@@ -192,6 +202,7 @@ class TrainConfig:
     loha: LohaOptions = field(default_factory=LohaOptions)
     lokr: LokrOptions = field(default_factory=LokrOptions)
     vera: VeraOptions = field(default_factory=VeraOptions)
+    hra: HraOptions = field(default_factory=HraOptions)
 
     def __post_init__(self) -> None:
         choices = {"method": METHOD_NAMES, "schedule": SCHEDULES, "precision": PRECISIONS}

@@ -95,6 +95,10 @@ def _vera(cfg: TrainConfig, model_path: str) -> PeftConfig:
     return _section(cfg, "vera", "VeraConfig")
 
 
+def _hra(cfg: TrainConfig, model_path: str) -> PeftConfig:
+    return _section(cfg, "hra", "HRAConfig")
+
+
 @dataclass(frozen=True)
 class Method:
     """A `--method`: its default peak learning rate, and the adapter config it builds from `(cfg, model
@@ -118,6 +122,7 @@ METHODS: dict[str, Method] = {
     "loha": Method(2e-3, _loha),
     "lokr": Method(2e-3, _lokr),
     "vera": Method(1e-2, _vera),
+    "hra": Method(2e-3, _hra),
 }
 
 
