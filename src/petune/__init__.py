@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from petune.config import PeftConfig, PeftType, TaskType
     from petune.layers import BASE_ADAPTER
+    from petune.methods.fourierft import FourierFTConfig
     from petune.methods.hra import HRAConfig
     from petune.methods.ia3 import IA3Config
     from petune.methods.ln_tuning import LNTuningConfig
@@ -39,6 +40,7 @@ __version__ = "0.1.0"
 
 _SOURCES = {
     "BASE_ADAPTER": "petune.layers",
+    "FourierFTConfig": "petune.methods.fourierft",
     "HRAConfig": "petune.methods.hra",
     "IA3Config": "petune.methods.ia3",
     "LNTuningConfig": "petune.methods.ln_tuning",
@@ -66,6 +68,7 @@ _SOURCES = {
 
 __all__ = [
     "BASE_ADAPTER",
+    "FourierFTConfig",
     "HRAConfig",
     "IA3Config",
     "LNTuningConfig",

@@ -41,6 +41,7 @@ class PeftType(str, enum.Enum):
     LOKR = "LOKR"
     VERA = "VERA"
     HRA = "HRA"
+    FOURIERFT = "FOURIERFT"
 
 
 # Classification heads HF PEFT trains and saves for SEQ_CLS without being asked.

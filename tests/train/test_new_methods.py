@@ -1,7 +1,8 @@
-"""`petune train --method ia3 | ln_tuning | loha | lokr | vera | hra`: options as flags or YAML, a tiny run each.
+"""`petune train --method ia3 | ln_tuning | loha | lokr | vera | hra | fourierft`: options as flags or YAML,
+a tiny run each.
 
-Each run's saved adapter loads into the real `peft` and gives the outputs petune gives, and training moved
-every saved trainable tensor away from its initial value.
+Each run's saved adapter loads into the real `peft` and gives the outputs petune gives, and the trained model's
+outputs differ from the base model's.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ NEW = {
     "loha": ("LoHaConfig", {"loha.r": 4, "loha.alpha": 4, "loha.module_dropout": 0.1}),
     "lokr": ("LoKrConfig", {"lokr.r": 2, "lokr.decompose_both": "true", "lokr.target_modules": "all-linear"}),
     "vera": ("VeraConfig", {"vera.r": 16, "vera.d_initial": 0.2, "vera.projection_prng_key": 3}),
+    "fourierft": ("FourierFTConfig", {"fourierft.n_frequency": 200, "fourierft.scaling": 50.0}),
     "hra": ("HRAConfig", {"hra.r": 4, "hra.apply_GS": "false", "hra.target_modules": "q_proj,o_proj"}),
 }
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from petune.config import PeftType
 from petune.methods.base import Method
+from petune.methods.fourierft import FourierFT
 from petune.methods.hra import HRA
 from petune.methods.ia3 import IA3
 from petune.methods.ln_tuning import LNTuning
@@ -26,6 +27,7 @@ METHODS: dict[str, type[Method]] = {
     PeftType.LOKR.value: LoKr,
     PeftType.VERA.value: Vera,
     PeftType.HRA.value: HRA,
+    PeftType.FOURIERFT.value: FourierFT,
 }
 
 

@@ -33,6 +33,7 @@ METHOD_NAMES = (
     "lokr",
     "vera",
     "hra",
+    "fourierft",
 )
 SCHEDULES = ("linear", "cosine", "constant")
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -156,6 +157,16 @@ class HraOptions:
 
 
 @dataclass
+class FourierftOptions:
+    """FourierFT (Gao et al. 2024); names as in `FourierFTConfig`."""
+
+    n_frequency: int = option(1000, "trained spectral coefficients per layer")
+    scaling: float = option(150.0, "scale of the update (larger for fewer coefficients)")
+    random_loc_seed: int = option(777, "seed that picks the trained entries of the spectrum")
+    target_modules: list[str] | None = option(None, TARGETS_HELP)  # noqa: RUF009
+
+
+@dataclass
 class TrainConfig:
     """Everything `petune train` does. The defaults are the demo run on the embedded SmolLM2-135M-Instruct."""
 
@@ -203,6 +214,7 @@ class TrainConfig:
     lokr: LokrOptions = field(default_factory=LokrOptions)
     vera: VeraOptions = field(default_factory=VeraOptions)
     hra: HraOptions = field(default_factory=HraOptions)
+    fourierft: FourierftOptions = field(default_factory=FourierftOptions)
 
     def __post_init__(self) -> None:
         choices = {"method": METHOD_NAMES, "schedule": SCHEDULES, "precision": PRECISIONS}

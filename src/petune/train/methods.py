@@ -99,6 +99,10 @@ def _hra(cfg: TrainConfig, model_path: str) -> PeftConfig:
     return _section(cfg, "hra", "HRAConfig")
 
 
+def _fourierft(cfg: TrainConfig, model_path: str) -> PeftConfig:
+    return _section(cfg, "fourierft", "FourierFTConfig")
+
+
 @dataclass(frozen=True)
 class Method:
     """A `--method`: its default peak learning rate, and the adapter config it builds from `(cfg, model
@@ -123,6 +127,7 @@ METHODS: dict[str, Method] = {
     "lokr": Method(2e-3, _lokr),
     "vera": Method(1e-2, _vera),
     "hra": Method(2e-3, _hra),
+    "fourierft": Method(1e-2, _fourierft),
 }
 
 
