@@ -81,7 +81,9 @@ class TrainConfig:
     """Everything `petune train` does. The defaults are the demo run on the embedded SmolLM2-135M-Instruct."""
 
     model: str | None = option(None, "base model: HF folder, .gguf file or hub id; default: embedded SmolLM2-135M")
-    data: str | None = option(None, "training data (.jsonl, .json, .csv); default: the bundled demo set")
+    data: str | None = option(
+        None, "training data: .jsonl, .json, .csv, .parquet, .arrow or a datasets folder; default: the demo set"
+    )
     val_data: str | None = option(None, "held-out data file; default: --val-fraction of --data")
     val_fraction: float = option(0.1, "share of --data held out when there is no --val-data")
     output: str | None = option(None, "run folder; default: runs/<method>-<date>-<time>")
