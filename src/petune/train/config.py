@@ -21,6 +21,7 @@ from petune.train import UserError
 METHOD_NAMES = ("full", "lora", "dora", "rslora", "qlora", "prompt", "ptuning", "prefix")
 SCHEDULES = ("linear", "cosine", "constant")
 PRECISIONS = ("auto", "bf16", "fp32")
+REPORT_TO = ("none", "tensorboard", "mlflow", "trackio", "wandb")  # trackers.py
 
 
 def option(default: Any, help: str) -> Any:
@@ -109,6 +110,9 @@ class TrainConfig:
     eval_samples: int = option(60, "held-out records scored by generation (exact match) before and after; 0: none")
     eval_before: bool = option(True, "also score the base model before training")
     seed: int = option(0, "seed for adapter init, data order and dropout")
+    report_to: list[str] = option(  # noqa: RUF009 (a fresh field per instance: option() is field())
+        ["none"], f"also log metrics to: {' | '.join(REPORT_TO)}, comma-separated; offline, under the run folder"
+    )
     nproc: int = option(1, "data-parallel processes (gloo on CPU); `accelerate launch --multi_gpu` works too")
     resume: bool = option(False, "continue the run in --output from its latest checkpoint")
     overwrite: bool = option(False, "replace an existing --output folder")
@@ -134,8 +138,18 @@ class TrainConfig:
             raise UserError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
         if self.lr is not None and self.lr <= 0:
             raise UserError(f"--lr must be positive, got {self.lr}")
+        self._check_report_to()
         if self.resume and self.output is None:
             raise UserError("--resume needs --output, the run folder to continue")
+
+    def _check_report_to(self) -> None:
+        for name in self.report_to:
+            if name not in REPORT_TO:
+                raise UserError(
+                    f"--report-to {name!r} is unknown; choose from: {', '.join(REPORT_TO)} (comma-separated)"
+                )
+        if "none" in self.report_to and len(self.report_to) > 1:
+            raise UserError("--report-to none cannot be combined with trackers; give the trackers alone")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -25,7 +25,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from petune import PeftModel
 from petune.embedded import resolve_model_path
 from petune.optim import adamw
-from petune.train import UserError, checkpoint, report
+from petune.train import UserError, checkpoint, report, trackers
 from petune.train.config import TrainConfig
 from petune.train.data import IGNORE_INDEX, Dataset, collate, load_dataset
 from petune.train.evaluate import accuracy, heldout_loss, token_loss_sum
@@ -64,12 +64,15 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
 def setup(cfg: TrainConfig) -> Run:
     """The run folder, base model, data, adapter (none for full fine-tuning) and optimizer."""
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())  # cpu=True: gloo between CPU processes
+    cfg.output = cfg.output or report.default_output(cfg.method)
+    accelerator = Accelerator(  # cpu=True: gloo between CPU processes
+        cpu=not torch.cuda.is_available(), log_with=trackers.make_trackers(cfg.report_to, Path(cfg.output)) or None
+    )
     cfg.nproc = accelerator.num_processes  # as launched (`--nproc` or torchrun)
     if cfg.nproc > 1 and accelerator.device.type == "cpu":
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // cfg.nproc))
     main = accelerator.is_main_process
-    run_dir = report.prepare_run_dir(cfg) if main else Path(str(cfg.output))
+    run_dir = report.prepare_run_dir(cfg) if main else Path(cfg.output)
     accelerator.wait_for_everyone()
 
     torch.manual_seed(cfg.seed)
@@ -90,6 +93,7 @@ def setup(cfg: TrainConfig) -> Run:
     if main:
         report.describe_start(cfg, run_dir, data, model, run.global_batch, peak_lr)
         cfg.save(run_dir / "config.yaml")
+        trackers.start(accelerator, cfg.to_dict())
     return run
 
 
@@ -120,7 +124,7 @@ def train_steps(run: Run, start_step: int) -> None:
     cfg, accelerator = run.cfg, run.accelerator
     trained = accelerator.prepare(run.model) if cfg.nproc > 1 else run.model  # DistributedDataParallel
     trained.train()
-    metrics = report.Metrics(run.run_dir / "metrics.jsonl", enabled=accelerator.is_main_process)
+    metrics = report.Metrics(run.run_dir / "metrics.jsonl", accelerator.is_main_process, trackers.logger(accelerator))
     bar = tqdm(total=cfg.max_steps, initial=start_step, disable=not accelerator.is_main_process or None, unit="step")
     for step in range(start_step, cfg.max_steps):
         row = optimizer_step(run, trained, step)
@@ -185,7 +189,7 @@ def finish(run: Run, results: dict[str, Any]) -> dict[str, Any]:
     if run.accelerator.is_main_process:
         if final is not None:
             row = {"step": cfg.max_steps, "eval_loss": final["loss"], "eval_perplexity": final["perplexity"]}
-            report.Metrics(run.run_dir / "metrics.jsonl", enabled=True).log(row)
+            report.Metrics(run.run_dir / "metrics.jsonl", True, trackers.logger(run.accelerator)).log(row)
             results["heldout"] = final
         if cfg.eval_samples and run.data.val_records:
             results["after"] = accuracy(run.model, run.tokenizer, run.data.val_records[: cfg.eval_samples])
