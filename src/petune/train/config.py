@@ -21,6 +21,7 @@ from petune.train import UserError
 METHOD_NAMES = ("full", "lora", "dora", "rslora", "qlora", "prompt", "ptuning", "prefix")
 SCHEDULES = ("linear", "cosine", "constant")
 PRECISIONS = ("auto", "bf16", "fp32")
+OBJECTIVES = ("sft", "dpo")
 REPORT_TO = ("none", "tensorboard", "mlflow", "trackio", "wandb")  # trackers.py
 
 
@@ -78,6 +79,13 @@ class PrefixOptions:
 
 
 @dataclass
+class DpoOptions:
+    """--objective dpo (Rafailov et al. 2023); the name as in TRL's `DPOConfig`."""
+
+    beta: float = option(0.1, "β: how far the policy may move from the reference (the adapter switched off)")
+
+
+@dataclass
 class TrainConfig:
     """Everything `petune train` does. The defaults are the demo run on the embedded SmolLM2-135M-Instruct."""
 
@@ -88,6 +96,9 @@ class TrainConfig:
     val_data: str | None = option(None, "held-out data file; default: --val-fraction of --data")
     val_fraction: float = option(0.1, "share of --data held out when there is no --val-data")
     output: str | None = option(None, "run folder; default: runs/<method>-<date>-<time>")
+    objective: str = option(
+        "sft", "sft: next-token loss on completions | dpo: prompt/chosen/rejected records, adapter off as reference"
+    )
     method: str = option("lora", f"{' | '.join(METHOD_NAMES)}; full: every weight of the model trains, no adapter")
     max_steps: int = option(30, "optimizer steps")
     batch_size: int = option(8, "records per micro-batch, per process")
@@ -121,9 +132,10 @@ class TrainConfig:
     prompt: PromptOptions = field(default_factory=PromptOptions)
     ptuning: PtuningOptions = field(default_factory=PtuningOptions)
     prefix: PrefixOptions = field(default_factory=PrefixOptions)
+    dpo: DpoOptions = field(default_factory=DpoOptions)
 
     def __post_init__(self) -> None:
-        choices = {"method": METHOD_NAMES, "schedule": SCHEDULES, "precision": PRECISIONS}
+        choices = {"objective": OBJECTIVES, "method": METHOD_NAMES, "schedule": SCHEDULES, "precision": PRECISIONS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise UserError(f"--{name} {getattr(self, name)!r} is unknown; choose one of: {', '.join(allowed)}")
@@ -139,6 +151,7 @@ class TrainConfig:
         if self.lr is not None and self.lr <= 0:
             raise UserError(f"--lr must be positive, got {self.lr}")
         self._check_report_to()
+        self._check_dpo()
         if self.resume and self.output is None:
             raise UserError("--resume needs --output, the run folder to continue")
 
@@ -150,6 +163,20 @@ class TrainConfig:
                 )
         if "none" in self.report_to and len(self.report_to) > 1:
             raise UserError("--report-to none cannot be combined with trackers; give the trackers alone")
+
+    def _check_dpo(self) -> None:
+        if self.objective != "dpo":
+            return
+        if self.method == "full":
+            raise UserError(
+                "--objective dpo uses the model with its adapter switched off as the reference; "
+                "--method full has no adapter: choose an adapter method (lora, ...)"
+            )
+        for name in ("packing", "train_on_prompt"):
+            if getattr(self, name):
+                raise UserError(f"--objective dpo scores each completion on its own: drop --{_flag(name)}")
+        if self.dpo.beta <= 0:
+            raise UserError(f"--dpo.beta must be positive, got {self.dpo.beta}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -22,7 +22,7 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -30,6 +30,7 @@ from transformers import PreTrainedTokenizerBase
 from petune.train import UserError
 from petune.train.formats import TABLE_SUFFIXES, read_saved_dataset, read_table_file, sharegpt_messages
 
+T = TypeVar("T")
 IGNORE_INDEX = -100  # label of a token that carries no loss (cross_entropy's ignore_index)
 DEMO_DIR = Path(__file__).resolve().parent.parent / "data"
 DEMO_TRAIN, DEMO_VAL = DEMO_DIR / "demo_train.jsonl", DEMO_DIR / "demo_val.jsonl"
@@ -264,10 +265,11 @@ def collate(examples: Sequence[Example], pad_token_id: int) -> dict[str, torch.T
 
 @dataclass
 class Dataset:
-    """Tokenised train and held-out examples, plus the held-out records for generation accuracy."""
+    """Tokenised train and held-out examples, plus the held-out records for generation accuracy.
+    `--objective dpo`: the examples are `dpo.PreferencePair`s, the records the chosen answers."""
 
-    train: list[Example]
-    val: list[Example]
+    train: list[Any]  # Example, or dpo.PreferencePair
+    val: list[Any]
     val_records: list[Record]
     train_records: int
     truncated: int
@@ -275,6 +277,16 @@ class Dataset:
 
 def load_records(path: str | Path, tokenizer: PreTrainedTokenizerBase) -> list[Record]:
     return [parse_record(row, where, tokenizer) for where, row in read_rows(path)]
+
+
+def split_off(items: list[T], val_fraction: float, seed: int) -> tuple[list[T], list[T]]:
+    """(kept, held out): a seeded random `val_fraction` of `items` held out (at least one, if any is asked for)."""
+    if val_fraction <= 0 or len(items) < 2:
+        return items, []
+    order = list(range(len(items)))
+    random.Random(seed).shuffle(order)
+    held = set(order[: max(1, math.ceil(val_fraction * len(items)))])
+    return [x for i, x in enumerate(items) if i not in held], [x for i, x in enumerate(items) if i in held]
 
 
 def load_dataset(
@@ -293,14 +305,8 @@ def load_dataset(
     records = load_records(data, tokenizer)
     if val_data is not None:
         val_records = load_records(val_data, tokenizer)
-    elif val_fraction > 0 and len(records) > 1:
-        order = list(range(len(records)))
-        random.Random(seed).shuffle(order)
-        held = set(order[: max(1, math.ceil(val_fraction * len(records)))])
-        val_records = [r for i, r in enumerate(records) if i in held]
-        records = [r for i, r in enumerate(records) if i not in held]
     else:
-        val_records = []
+        records, val_records = split_off(records, val_fraction, seed)
     train = [tokenize(r, tokenizer, max_length, train_on_prompt) for r in records]
     val = [tokenize(r, tokenizer, max_length, train_on_prompt)[0] for r in val_records]
     examples = [example for example, _ in train]

@@ -163,7 +163,10 @@ def finish(
     plot_metrics(read_metrics(run_dir / "metrics.jsonl"), run_dir / "loss.png")
     print()
     if "heldout" in results:
-        print(f"held-out loss {results['heldout']['loss']:.4f} (perplexity {results['heldout']['perplexity']:.2f})")
+        held = results["heldout"]
+        also = f"perplexity {held['perplexity']:.2f}" if "perplexity" in held else ""
+        also = also or f"chosen preferred {held['rewards/accuracies']:.1%}, reward margin {held['rewards/margins']:.3f}"
+        print(f"held-out loss {held['loss']:.4f} ({also})")
     if "after" in results:
         count = results["after"]["count"]
         before = f"{results['before']['exact_match']:.1%} -> " if "before" in results else ""
