@@ -20,7 +20,7 @@ from typing import Any
 from petune.train import UserError
 
 TABLE_SUFFIXES = (".parquet", ".arrow", ".feather")
-INSTALL = "pip install 'petune[data]'"
+INSTALL = "pip install datasets pyarrow (petune's 'data' extra)"
 
 # ShareGPT's "from" -> the chat template's role. LLaMA-Factory's names (human, gpt, system, function_call,
 # observation; its `sharegpt` formatting defaults) and the chat names themselves. A function call is

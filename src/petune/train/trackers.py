@@ -25,16 +25,14 @@ from accelerate.tracking import GeneralTracker, MLflowTracker, TensorBoardTracke
 from petune.train import UserError
 
 PROJECT = "petune"  # the wandb/trackio project and mlflow experiment name
-PACKAGES = {"tensorboard": "tensorboard", "mlflow": "mlflow", "trackio": "trackio", "wandb": "wandb"}
 
 
 def make_trackers(names: list[str], run_dir: Path) -> list[GeneralTracker]:
     """accelerate's tracker for each name, set up to write under `run_dir`; none for `none`."""
     trackers: list[GeneralTracker] = []
     for name in (n for n in names if n != "none"):
-        package = PACKAGES[name]
-        if importlib.util.find_spec(package) is None:
-            raise UserError(f"--report-to {name} needs the {package} package, not installed: pip install {package}")
+        if importlib.util.find_spec(name) is None:  # each tracker's module and pip package bear its name
+            raise UserError(f"--report-to {name} needs the {name} package, not installed: pip install {name}")
         trackers.append(_tracker(name, run_dir))
     return trackers
 
@@ -45,8 +43,10 @@ def _tracker(name: str, run_dir: Path) -> GeneralTracker:
     if name == "wandb":
         return WandBTracker(PROJECT, dir=str(run_dir), mode="offline")
     if name == "mlflow":
-        # accelerate's MLflowTracker takes its store from mlflow's environment variable
+        # accelerate's MLflowTracker takes its store from mlflow's environment variable; mlflow 3 keeps the
+        # file store (in maintenance) behind an opt-in, which a folder of files needs no server or database for
         os.environ["MLFLOW_TRACKING_URI"] = (run_dir.resolve() / "mlruns").as_uri()
+        os.environ["MLFLOW_ALLOW_FILE_STORE"] = "true"
         return MLflowTracker(PROJECT)
     os.environ["TRACKIO_DIR"] = str(run_dir.resolve() / "trackio")  # read when trackio is imported, in start()
     return TrackioTracker(PROJECT)
