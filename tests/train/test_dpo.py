@@ -193,3 +193,17 @@ def test_the_loss_is_trls_dpo_loss(tiny_model_dir: Path, tokenizer: PreTrainedTo
         loss_sum, _ = DpoObjective(beta=0.1).loss_sum(model, model, ours)
     assert abs(trl_loss.item() - math.log(2)) > 1e-3  # the adapter moved the policy from the reference
     assert loss_sum.item() / len(rows) == pytest.approx(trl_loss.item(), abs=1e-5)
+
+
+def test_accumulated_micro_batches_give_the_big_batchs_step(
+    tiny_model_dir: Path, preference_data: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """The loss is a mean over the global batch's pairs, however the batch is split."""
+    args = ["--max-steps", "3", "--eval-every", "0", "--lr", "1e-2"]
+    assert main(dpo_args(tiny_model_dir, preference_data, tmp_path / "big", *args)) == 0
+    split = ["--batch-size", "2", "--grad-accum", "2"]
+    assert main(dpo_args(tiny_model_dir, preference_data, tmp_path / "acc", *args, *split)) == 0
+    big, accumulated = (read_rows(tmp_path / name) for name in ("big", "acc"))
+    for key in ("loss", "grad_norm", "rewards/margins", "rewards/accuracies"):
+        assert [row.get(key) for row in big] == pytest.approx([row.get(key) for row in accumulated], abs=1e-5)
+    assert len(big) == 4 and big[2]["loss"] != big[0]["loss"]  # 3 steps, then the held-out evaluation
