@@ -37,6 +37,8 @@ METHOD_NAMES = (
 )
 SCHEDULES = ("linear", "cosine", "constant")
 PRECISIONS = ("auto", "bf16", "fp32")
+OBJECTIVES = ("sft", "dpo")
+REPORT_TO = ("none", "tensorboard", "mlflow", "trackio", "wandb")  # trackers.py
 
 
 def option(default: Any, help: str) -> Any:
@@ -167,14 +169,26 @@ class FourierftOptions:
 
 
 @dataclass
+class DpoOptions:
+    """--objective dpo (Rafailov et al. 2023); the name as in TRL's `DPOConfig`."""
+
+    beta: float = option(0.1, "β: how far the policy may move from the reference (the adapter switched off)")
+
+
+@dataclass
 class TrainConfig:
     """Everything `petune train` does. The defaults are the demo run on the embedded SmolLM2-135M-Instruct."""
 
     model: str | None = option(None, "base model: HF folder, .gguf file or hub id; default: embedded SmolLM2-135M")
-    data: str | None = option(None, "training data (.jsonl, .json, .csv); default: the bundled demo set")
+    data: str | None = option(
+        None, "training data: .jsonl, .json, .csv, .parquet, .arrow or a datasets folder; default: the demo set"
+    )
     val_data: str | None = option(None, "held-out data file; default: --val-fraction of --data")
     val_fraction: float = option(0.1, "share of --data held out when there is no --val-data")
     output: str | None = option(None, "run folder; default: runs/<method>-<date>-<time>")
+    objective: str = option(
+        "sft", "sft: next-token loss on completions | dpo: prompt/chosen/rejected records, adapter off as reference"
+    )
     method: str = option("lora", f"{' | '.join(METHOD_NAMES)}; full: every weight of the model trains, no adapter")
     max_steps: int = option(30, "optimizer steps")
     batch_size: int = option(8, "records per micro-batch, per process")
@@ -200,6 +214,9 @@ class TrainConfig:
     eval_samples: int = option(60, "held-out records scored by generation (exact match) before and after; 0: none")
     eval_before: bool = option(True, "also score the base model before training")
     seed: int = option(0, "seed for adapter init, data order and dropout")
+    report_to: list[str] = option(  # noqa: RUF009 (a fresh field per instance: option() is field())
+        ["none"], f"also log metrics to: {' | '.join(REPORT_TO)}, comma-separated; offline, under the run folder"
+    )
     nproc: int = option(1, "data-parallel processes (gloo on CPU); `accelerate launch --multi_gpu` works too")
     resume: bool = option(False, "continue the run in --output from its latest checkpoint")
     overwrite: bool = option(False, "replace an existing --output folder")
@@ -215,9 +232,10 @@ class TrainConfig:
     vera: VeraOptions = field(default_factory=VeraOptions)
     hra: HraOptions = field(default_factory=HraOptions)
     fourierft: FourierftOptions = field(default_factory=FourierftOptions)
+    dpo: DpoOptions = field(default_factory=DpoOptions)
 
     def __post_init__(self) -> None:
-        choices = {"method": METHOD_NAMES, "schedule": SCHEDULES, "precision": PRECISIONS}
+        choices = {"objective": OBJECTIVES, "method": METHOD_NAMES, "schedule": SCHEDULES, "precision": PRECISIONS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise UserError(f"--{name} {getattr(self, name)!r} is unknown; choose one of: {', '.join(allowed)}")
@@ -232,8 +250,33 @@ class TrainConfig:
             raise UserError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
         if self.lr is not None and self.lr <= 0:
             raise UserError(f"--lr must be positive, got {self.lr}")
+        self._check_report_to()
+        self._check_dpo()
         if self.resume and self.output is None:
             raise UserError("--resume needs --output, the run folder to continue")
+
+    def _check_report_to(self) -> None:
+        for name in self.report_to:
+            if name not in REPORT_TO:
+                raise UserError(
+                    f"--report-to {name!r} is unknown; choose from: {', '.join(REPORT_TO)} (comma-separated)"
+                )
+        if "none" in self.report_to and len(self.report_to) > 1:
+            raise UserError("--report-to none cannot be combined with trackers; give the trackers alone")
+
+    def _check_dpo(self) -> None:
+        if self.objective != "dpo":
+            return
+        if self.method == "full":
+            raise UserError(
+                "--objective dpo uses the model with its adapter switched off as the reference; "
+                "--method full has no adapter: choose an adapter method (lora, ...)"
+            )
+        for name in ("packing", "train_on_prompt"):
+            if getattr(self, name):
+                raise UserError(f"--objective dpo scores each completion on its own: drop --{_flag(name)}")
+        if self.dpo.beta <= 0:
+            raise UserError(f"--dpo.beta must be positive, got {self.dpo.beta}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

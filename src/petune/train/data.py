@@ -1,10 +1,13 @@
 """Training data: files -> records -> token ids with a loss mask -> padded batches.
 
-Three record shapes are understood, one per record (a file may mix them):
+Four record shapes are understood, one per record (a file may mix them):
 
     {"prompt": ..., "completion": ...}                       text; the completion is followed by EOS
     {"instruction": ..., "input": ..., "output": ...}        Alpaca, rendered with Alpaca's prompt
     {"messages": [{"role": ..., "content": ...}, ...]}       chat, rendered with the tokenizer's template
+    {"conversations": [{"from": ..., "value": ...}, ...]}    ShareGPT: chat in other words (formats.py)
+
+in .jsonl, .json, .csv, .parquet and .arrow files or a `datasets` save_to_disk folder (formats.py).
 
 A record becomes `segments`: pieces of text marked prompt or completion. Each piece is tokenised on
 its own, so the model trains on exactly the tokens it will see when it generates after the prompt.
@@ -19,17 +22,20 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
 from petune.train import UserError
+from petune.train.formats import TABLE_SUFFIXES, read_saved_dataset, read_table_file, sharegpt_messages
 
+T = TypeVar("T")
 IGNORE_INDEX = -100  # label of a token that carries no loss (cross_entropy's ignore_index)
 DEMO_DIR = Path(__file__).resolve().parent.parent / "data"
 DEMO_TRAIN, DEMO_VAL = DEMO_DIR / "demo_train.jsonl", DEMO_DIR / "demo_val.jsonl"
-EXPECTED = "prompt + completion, instruction (+ input) + output, or messages"
+EXPECTED = "prompt + completion, instruction (+ input) + output, messages, or conversations (ShareGPT)"
+FILE_TYPES = ".jsonl, .json, .csv, .parquet or .arrow, or a datasets save_to_disk folder"
 
 ALPACA_PROMPT = (
     "Below is an instruction that describes a task{with_input}. Write a response that appropriately completes "
@@ -63,13 +69,17 @@ class Example:
 
 
 def read_rows(path: str | Path) -> list[tuple[str, dict[str, Any]]]:
-    """(location, raw record) for each record of a .jsonl, .json or .csv file."""
+    """(location, raw record) for each record of a data file or `datasets` folder (FILE_TYPES)."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise UserError(f"data file {path} does not exist")
     suffix = path.suffix.lower()
     rows: list[tuple[str, Any]] = []
-    if suffix == ".jsonl":
+    if path.is_dir():
+        rows = read_saved_dataset(path)
+    elif suffix in TABLE_SUFFIXES:
+        rows = read_table_file(path)
+    elif suffix == ".jsonl":
         for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
             if line.strip():
                 rows.append((f"{path}:{number}", _json(line, f"{path}:{number}")))
@@ -84,7 +94,7 @@ def read_rows(path: str | Path) -> list[tuple[str, dict[str, Any]]]:
             # a CSV row has every column: an empty cell is a field the record does not have
             rows = [(f"{path}:{reader.line_num}", {k: v for k, v in row.items() if v}) for row in reader]
     else:
-        raise UserError(f"{path}: unsupported data file type {suffix or '(none)'!r}; use .jsonl, .json or .csv")
+        raise UserError(f"{path}: unsupported data file type {suffix or '(none)'!r}; use {FILE_TYPES}")
     for where, row in rows:
         if not isinstance(row, dict):
             raise UserError(f"{where}: a record must be an object with fields ({EXPECTED}), got {row!r:.80}")
@@ -109,6 +119,7 @@ def _text(row: dict[str, Any], key: str, where: str) -> str:
 
 def parse_record(row: dict[str, Any], where: str, tokenizer: PreTrainedTokenizerBase) -> Record:
     """A training record, whatever its shape; an error naming the record and the fields expected."""
+    row = _sharegpt_as_chat(row, where)
     if "messages" in row:
         return _chat_record(_messages(row, where), where, tokenizer)
     if "prompt" in row and "completion" in row:
@@ -123,6 +134,7 @@ def parse_record(row: dict[str, Any], where: str, tokenizer: PreTrainedTokenizer
 
 def parse_prompt(row: dict[str, Any], where: str, tokenizer: PreTrainedTokenizerBase) -> tuple[str, bool]:
     """(prompt text, templated) of a record to generate from; a trailing answer, if any, is left out."""
+    row = _sharegpt_as_chat(row, where)
     if "messages" in row:
         messages = _messages(row, where, need_answer=False)
         while messages and messages[-1]["role"] == "assistant":
@@ -132,7 +144,14 @@ def parse_prompt(row: dict[str, Any], where: str, tokenizer: PreTrainedTokenizer
         return _text(row, "prompt", where), False
     if "instruction" in row:
         return _alpaca_prompt(row, where), False
-    raise UserError(f"{where}: record has fields {sorted(row)}; expected prompt, instruction (+ input) or messages")
+    raise UserError(
+        f"{where}: record has fields {sorted(row)}; expected prompt, instruction (+ input), messages or conversations"
+    )
+
+
+def _sharegpt_as_chat(row: dict[str, Any], where: str) -> dict[str, Any]:
+    """A ShareGPT record as a chat record (`messages`); any other record as it is."""
+    return {**row, "messages": sharegpt_messages(row, where)} if "conversations" in row else row
 
 
 def _alpaca_prompt(row: dict[str, Any], where: str) -> str:
@@ -246,10 +265,11 @@ def collate(examples: Sequence[Example], pad_token_id: int) -> dict[str, torch.T
 
 @dataclass
 class Dataset:
-    """Tokenised train and held-out examples, plus the held-out records for generation accuracy."""
+    """Tokenised train and held-out examples, plus the held-out records for generation accuracy.
+    `--objective dpo`: the examples are `dpo.PreferencePair`s, the records the chosen answers."""
 
-    train: list[Example]
-    val: list[Example]
+    train: list[Any]  # Example, or dpo.PreferencePair
+    val: list[Any]
     val_records: list[Record]
     train_records: int
     truncated: int
@@ -257,6 +277,16 @@ class Dataset:
 
 def load_records(path: str | Path, tokenizer: PreTrainedTokenizerBase) -> list[Record]:
     return [parse_record(row, where, tokenizer) for where, row in read_rows(path)]
+
+
+def split_off(items: list[T], val_fraction: float, seed: int) -> tuple[list[T], list[T]]:
+    """(kept, held out): a seeded random `val_fraction` of `items` held out (at least one, if any is asked for)."""
+    if val_fraction <= 0 or len(items) < 2:
+        return items, []
+    order = list(range(len(items)))
+    random.Random(seed).shuffle(order)
+    held = set(order[: max(1, math.ceil(val_fraction * len(items)))])
+    return [x for i, x in enumerate(items) if i not in held], [x for i, x in enumerate(items) if i in held]
 
 
 def load_dataset(
@@ -275,14 +305,8 @@ def load_dataset(
     records = load_records(data, tokenizer)
     if val_data is not None:
         val_records = load_records(val_data, tokenizer)
-    elif val_fraction > 0 and len(records) > 1:
-        order = list(range(len(records)))
-        random.Random(seed).shuffle(order)
-        held = set(order[: max(1, math.ceil(val_fraction * len(records)))])
-        val_records = [r for i, r in enumerate(records) if i in held]
-        records = [r for i, r in enumerate(records) if i not in held]
     else:
-        val_records = []
+        records, val_records = split_off(records, val_fraction, seed)
     train = [tokenize(r, tokenizer, max_length, train_on_prompt) for r in records]
     val = [tokenize(r, tokenizer, max_length, train_on_prompt)[0] for r in val_records]
     examples = [example for example, _ in train]

@@ -25,11 +25,12 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from petune import PeftModel
 from petune.embedded import resolve_model_path
 from petune.optim import adamw
-from petune.train import UserError, checkpoint, report
+from petune.train import UserError, checkpoint, report, trackers
 from petune.train.config import TrainConfig
-from petune.train.data import IGNORE_INDEX, Dataset, collate, load_dataset
-from petune.train.evaluate import accuracy, heldout_loss, token_loss_sum
+from petune.train.data import Dataset
+from petune.train.evaluate import accuracy
 from petune.train.methods import as_base_model, learning_rate, load_base, trainable_model
+from petune.train.objective import Objective, load_data, objective_for
 
 
 @dataclass
@@ -42,6 +43,7 @@ class Run:
     model: PeftModel | PreTrainedModel  # a plain transformers model for full fine-tuning
     tokenizer: PreTrainedTokenizerBase
     data: Dataset
+    objective: Objective  # sft or dpo: how a batch is made and what its loss is
     optimizer: torch.optim.Optimizer
     peak_lr: float
     use_bf16: bool
@@ -64,12 +66,15 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
 def setup(cfg: TrainConfig) -> Run:
     """The run folder, base model, data, adapter (none for full fine-tuning) and optimizer."""
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())  # cpu=True: gloo between CPU processes
+    cfg.output = cfg.output or report.default_output(cfg.method)
+    accelerator = Accelerator(  # cpu=True: gloo between CPU processes
+        cpu=not torch.cuda.is_available(), log_with=trackers.make_trackers(cfg.report_to, Path(cfg.output)) or None
+    )
     cfg.nproc = accelerator.num_processes  # as launched (`--nproc` or torchrun)
     if cfg.nproc > 1 and accelerator.device.type == "cpu":
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // cfg.nproc))
     main = accelerator.is_main_process
-    run_dir = report.prepare_run_dir(cfg) if main else Path(str(cfg.output))
+    run_dir = report.prepare_run_dir(cfg) if main else Path(cfg.output)
     accelerator.wait_for_everyone()
 
     torch.manual_seed(cfg.seed)
@@ -77,19 +82,18 @@ def setup(cfg: TrainConfig) -> Run:
         cfg.precision == "auto" and accelerator.device.type == "cuda" and torch.cuda.is_bf16_supported()
     )
     base, tokenizer = load_base(cfg, torch.bfloat16 if use_bf16 else torch.float32)
-    data = load_dataset(
-        tokenizer, cfg.data, cfg.val_data, cfg.val_fraction, cfg.max_length, cfg.train_on_prompt, cfg.packing, cfg.seed
-    )
+    data = load_data(cfg, tokenizer)
     model = trainable_model(cfg, base, resolve_model_path(cfg.model))
     if cfg.method != "qlora":  # a 4-bit model is placed when loaded
         model.to(accelerator.device)
     params = [p for p in model.parameters() if p.requires_grad]
     peak_lr = learning_rate(cfg)
     optimizer = adamw(params, lr=peak_lr, weight_decay=cfg.weight_decay)
-    run = Run(cfg, accelerator, run_dir, model, tokenizer, data, optimizer, peak_lr, use_bf16)
+    run = Run(cfg, accelerator, run_dir, model, tokenizer, data, objective_for(cfg), optimizer, peak_lr, use_bf16)
     if main:
         report.describe_start(cfg, run_dir, data, model, run.global_batch, peak_lr)
         cfg.save(run_dir / "config.yaml")
+        trackers.start(accelerator, cfg.to_dict())
     return run
 
 
@@ -120,7 +124,7 @@ def train_steps(run: Run, start_step: int) -> None:
     cfg, accelerator = run.cfg, run.accelerator
     trained = accelerator.prepare(run.model) if cfg.nproc > 1 else run.model  # DistributedDataParallel
     trained.train()
-    metrics = report.Metrics(run.run_dir / "metrics.jsonl", enabled=accelerator.is_main_process)
+    metrics = report.Metrics(run.run_dir / "metrics.jsonl", accelerator.is_main_process, trackers.logger(accelerator))
     bar = tqdm(total=cfg.max_steps, initial=start_step, disable=not accelerator.is_main_process or None, unit="step")
     for step in range(start_step, cfg.max_steps):
         row = optimizer_step(run, trained, step)
@@ -132,7 +136,7 @@ def train_steps(run: Run, start_step: int) -> None:
             break
         if run.data.val and cfg.eval_every and done % cfg.eval_every == 0:
             evaluation = heldout(run)
-            metrics.log({"step": done, "eval_loss": evaluation["loss"], "eval_perplexity": evaluation["perplexity"]})
+            metrics.log(eval_row(done, evaluation))
             if accelerator.is_main_process:
                 bar.write(f"step {done}: loss {row['loss']:.4f}, held-out loss {evaluation['loss']:.4f}")
         if cfg.save_every and done % cfg.save_every == 0:
@@ -149,33 +153,36 @@ def optimizer_step(run: Run, trained: nn.Module, step: int) -> dict[str, float]:
     lr = lr_at(step, cfg, run.peak_lr)
     for group in run.optimizer.param_groups:
         group["lr"] = lr
-    pad = run.tokenizer.pad_token_id
+    pad, objective = run.tokenizer.pad_token_id, run.objective
     batches = [
-        collate([run.data.train[i] for i in ids], pad)
+        objective.collate([run.data.train[i] for i in ids], pad)
         for ids in micro_batches(step, len(run.data.train), cfg, world, accelerator.process_index)
     ]
     batches = [{k: v.to(accelerator.device) for k, v in b.items()} for b in batches]
-    labelled = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
+    units = sum(objective.units(b) for b in batches)  # labelled tokens (sft) or pairs (dpo)
     seen = sum(int(b["attention_mask"].sum()) for b in batches)
-    counts = torch.tensor([labelled, seen], dtype=torch.float64, device=accelerator.device)
+    counts = torch.tensor([units, seen], dtype=torch.float64, device=accelerator.device)
     counts = accelerator.reduce(counts, "sum") if world > 1 else counts  # over the global batch
-    loss_total = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+    sums: dict[str, torch.Tensor] = {}  # "loss" and the objective's other metrics, summed over micro-batches
     for index, batch in enumerate(batches):
         last = index == len(batches) - 1
         with contextlib.nullcontext() if last or world == 1 else accelerator.no_sync(trained):
             with torch.autocast(accelerator.device.type, dtype=torch.bfloat16, enabled=run.use_bf16):
-                loss_sum, _ = token_loss_sum(trained, batch)
+                loss_sum, extra = objective.loss_sum(trained, run.model, batch)
             # DDP averages gradients over processes; x world turns that average back into a sum.
             (loss_sum * world / counts[0].clamp(min=1)).backward()
-        loss_total += loss_sum.detach().double()
+        for name, value in {"loss": loss_sum, **extra}.items():
+            sums[name] = sums.get(name, 0) + value.detach().double()
     params = [p for group in run.optimizer.param_groups for p in group["params"]]
     grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or math.inf)
     run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
-    loss_total = accelerator.reduce(loss_total, "sum") if world > 1 else loss_total
-    loss = (loss_total / counts[0].clamp(min=1)).item()
+    totals = torch.stack(list(sums.values()))
+    totals = accelerator.reduce(totals, "sum") if world > 1 else totals
+    means = dict(zip(sums, (totals / counts[0].clamp(min=1)).tolist(), strict=True))
     tokens_per_s = counts[1].item() / (time.perf_counter() - started)
-    return {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": grad_norm.item(), "tokens_per_s": tokens_per_s}
+    row = {"step": step + 1, "loss": means.pop("loss"), "lr": lr, "grad_norm": grad_norm.item()}
+    return {**row, "tokens_per_s": tokens_per_s, **means}
 
 
 def finish(run: Run, results: dict[str, Any]) -> dict[str, Any]:
@@ -184,8 +191,8 @@ def finish(run: Run, results: dict[str, Any]) -> dict[str, Any]:
     final = heldout(run) if run.data.val else None
     if run.accelerator.is_main_process:
         if final is not None:
-            row = {"step": cfg.max_steps, "eval_loss": final["loss"], "eval_perplexity": final["perplexity"]}
-            report.Metrics(run.run_dir / "metrics.jsonl", enabled=True).log(row)
+            row = eval_row(cfg.max_steps, final)
+            report.Metrics(run.run_dir / "metrics.jsonl", True, trackers.logger(run.accelerator)).log(row)
             results["heldout"] = final
         if cfg.eval_samples and run.data.val_records:
             results["after"] = accuracy(run.model, run.tokenizer, run.data.val_records[: cfg.eval_samples])
@@ -200,7 +207,12 @@ def heldout(run: Run) -> dict[str, float]:
     share = run.data.val[accelerator.process_index :: accelerator.num_processes]
     reduce = functools.partial(accelerator.reduce, reduction="sum") if accelerator.num_processes > 1 else None
     pad = run.tokenizer.pad_token_id
-    return heldout_loss(run.model, share, pad, run.cfg.batch_size, accelerator.device, reduce)
+    return run.objective.heldout(run.model, share, pad, run.cfg.batch_size, accelerator.device, reduce)
+
+
+def eval_row(step: int, evaluation: dict[str, float]) -> dict[str, float]:
+    """The metrics.jsonl row of a held-out evaluation: its metrics as `eval_<name>`, without the item counts."""
+    return {"step": step, **{f"eval_{k}": v for k, v in evaluation.items() if k not in ("tokens", "pairs")}}
 
 
 def lr_at(step: int, cfg: TrainConfig, peak: float) -> float:

@@ -7,6 +7,7 @@
 <run>/eval.json          held-out loss and accuracy, before and after, with the generations
 <run>/loss.png           training and held-out loss per step
 <run>/checkpoints/       see checkpoint.py
+<run>/tensorboard/ ...   with --report-to: see trackers.py
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -53,15 +55,18 @@ def prepare_run_dir(cfg: TrainConfig) -> Path:
 
 
 class Metrics:
-    """Appends one JSON object per line to metrics.jsonl (main process only)."""
+    """Appends one JSON object per line to metrics.jsonl (main process only), and hands it to `also`
+    (the `--report-to` trackers, trackers.py) when given."""
 
-    def __init__(self, path: Path, enabled: bool) -> None:
-        self.path, self.enabled = path, enabled
+    def __init__(self, path: Path, enabled: bool, also: Callable[[dict[str, Any]], None] | None = None) -> None:
+        self.path, self.enabled, self.also = path, enabled, also
 
     def log(self, row: dict[str, Any]) -> None:
         if self.enabled:
             with self.path.open("a") as handle:
                 handle.write(json.dumps(row) + "\n")
+            if self.also is not None:
+                self.also(row)
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
@@ -158,7 +163,10 @@ def finish(
     plot_metrics(read_metrics(run_dir / "metrics.jsonl"), run_dir / "loss.png")
     print()
     if "heldout" in results:
-        print(f"held-out loss {results['heldout']['loss']:.4f} (perplexity {results['heldout']['perplexity']:.2f})")
+        held = results["heldout"]
+        also = f"perplexity {held['perplexity']:.2f}" if "perplexity" in held else ""
+        also = also or f"chosen preferred {held['rewards/accuracies']:.1%}, reward margin {held['rewards/margins']:.3f}"
+        print(f"held-out loss {held['loss']:.4f} ({also})")
     if "after" in results:
         count = results["after"]["count"]
         before = f"{results['before']['exact_match']:.1%} -> " if "before" in results else ""
