@@ -98,7 +98,7 @@ def test_combined_adapter_matches_peft(
 def test_cat_is_the_exact_weighted_sum(both: tuple[Any, Any]) -> None:
     """`cat`'s B A equals sum_i w_i s_i B_i A_i in every layer (unlike `linear`, which is approximate)."""
     ours, _ = both
-    ours.add_weighted_adapter(["a", "c"], [0.5, 2.0], "cat_exact", combination_type="cat")
+    ours.add_weighted_adapter(["a", "c"], [0.5, 2.0], "cat_exact", "cat")  # peft's positional order
     layer = ours.base_model.model.layers[0].self_attn.q_proj
     expected = 0.5 * layer.adapters["a"].delta_weight() + 2.0 * layer.adapters["c"].delta_weight()
     torch.testing.assert_close(layer.adapters["cat_exact"].delta_weight(), expected)
