@@ -9,7 +9,12 @@ from petune.config import PeftConfig
 from petune.layers import ModulesToSave, adapter_layers
 from petune.methods.lora.config import LoraConfig
 from petune.methods.lora.layer import LoraLayer
-from petune.methods.lora.trainable_tokens import add_token_rows, merge_token_rows, unmerge_token_rows
+from petune.methods.lora.trainable_tokens import (
+    add_token_rows,
+    check_token_rows_mergeable,
+    merge_token_rows,
+    unmerge_token_rows,
+)
 from petune.methods.tuner import LayerTuner, per_module
 
 
@@ -40,6 +45,7 @@ class Lora(LayerTuner):
         return None
 
     def merge(self, names: list[str], safe_merge: bool) -> None:
+        check_token_rows_mergeable(self.model, names)
         super().merge(names, safe_merge)
         merge_token_rows(self.model, names)
 

@@ -7,7 +7,7 @@ stored values replace the rows, they are not added to them). The file key is
 `{module name: ids}` targets each named module (an `nn.Embedding`, or an `nn.Linear` such as `lm_head`).
 When the model ties its output layer to the input embedding (`tie_word_embeddings`), the output layer
 uses the embedding's rows too and nothing extra is saved for it; a dict naming both tied modules with
-different ids trains them separately, as peft does.
+different ids trains them separately, as peft does (such an adapter cannot be merged: petune refuses).
 """
 
 from __future__ import annotations
@@ -175,6 +175,25 @@ def add_token_rows(
 
 def token_rows_layers(model: nn.Module) -> list[TokenRowsLayer]:
     return [m for m in model.modules() if isinstance(m, TokenRowsLayer)]
+
+
+def check_token_rows_mergeable(model: nn.Module, names: list[str]) -> None:
+    """Refuse to merge an adapter with separate rows for two modules sharing one weight (tied embeddings with
+    different ids): one merged weight cannot hold both (HF PEFT merges them anyway, and the outputs change)."""
+    for name in names:
+        owners: dict[int, int] = {}
+        for layer in token_rows_layers(model):
+            if name not in layer.adapters:
+                continue
+            adapter = layer.adapters[name]
+            if isinstance(adapter, TokenAdapter) and not adapter._tied_to:
+                key = id(layer.base_layer.weight)
+                owners[key] = owners.get(key, 0) + 1
+        if any(count > 1 for count in owners.values()):
+            raise ValueError(
+                f"adapter {name!r} trains different rows of two modules that share one (tied) weight; merged, "
+                "one would overwrite the other: keep it unmerged, or give both modules the same ids"
+            )
 
 
 def merge_token_rows(model: nn.Module, names: list[str]) -> None:
