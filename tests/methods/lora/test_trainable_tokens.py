@@ -133,3 +133,20 @@ def test_bad_token_indices_are_clear(kwargs: dict[str, Any], message: str) -> No
 def test_bad_token_indices_type_is_clear() -> None:
     with pytest.raises(ValueError, match="trainable_token_indices must be a list of token ids"):
         LoraConfig(trainable_token_indices=[1, "x"])  # type: ignore[list-item]
+
+
+def test_mixed_batch_rows_use_their_own_adapters_rows() -> None:
+    """`adapter_names=[...]`: each row gets what its adapter alone gives (different trained rows per adapter)."""
+    model = get_peft_model(tiny(True), LoraConfig(**config_kwargs(TOKENS)))
+    model.add_adapter("other", LoraConfig(**config_kwargs([3, 8])))
+    perturb(model, seed=8)
+    model.set_adapter("other")
+    perturb(model, seed=9)
+    batch = build_batch(rows=3)
+    batch["input_ids"][:, :3] = torch.tensor([3, 5, 8])
+    mixed = model_output(model, batch, adapter_names=["default", "other", "__base__"])
+    for row, name in enumerate(["default", "other"]):
+        model.set_adapter(name)
+        torch.testing.assert_close(mixed[row], model_output(model, batch)[row], rtol=0, atol=TOLERANCE)
+    with model.disable_adapter():
+        torch.testing.assert_close(mixed[2], model_output(model, batch)[2], rtol=0, atol=TOLERANCE)

@@ -123,3 +123,27 @@ def test_bad_arguments_are_clear(
     with pytest.raises(ValueError, match=message):
         ours.add_weighted_adapter(adapters, [1.0, 1.0], "bad", **options)
     assert set(ours.peft_config) == names
+
+
+@pytest.mark.parametrize("combination_type", ["svd", "cat", "linear"])
+def test_gpt2_conv1d_layers_match_peft(tmp_path: Path, combination_type: str) -> None:
+    """GPT-2's `Conv1D` stores weights as (in, out): the combined adapter still equals peft's."""
+    models = []
+    for seed, alpha in ((30, 8), (31, 4)):
+        model = get_peft_model(build_tiny_model("gpt2"), LoraConfig(r=4, lora_alpha=alpha, target_modules=["c_attn"]))
+        perturb(model, seed=seed)
+        model.save_pretrained(tmp_path / f"src{seed}")
+        models.append(tmp_path / f"src{seed}")
+    ours = PeftModel.from_pretrained(build_tiny_model("gpt2"), models[0], adapter_name="a")
+    theirs = peft.PeftModel.from_pretrained(build_tiny_model("gpt2"), models[0], adapter_name="a")
+    for model in (ours, theirs):
+        model.load_adapter(models[1], adapter_name="b")
+        model.add_weighted_adapter(["a", "b"], [1.0, 0.5], "mix", combination_type=combination_type)
+        model.set_adapter("mix")
+    expected = combined_files(theirs, "mix", tmp_path / "peft")
+    written = combined_files(ours, "mix", tmp_path / "petune")
+    assert sorted(written) == sorted(expected)
+    for key, tensor in expected.items():
+        torch.testing.assert_close(written[key], tensor, rtol=0, atol=TOLERANCE, msg=key)
+    batch = build_batch()
+    torch.testing.assert_close(model_output(ours, batch), model_output(theirs, batch), rtol=0, atol=TOLERANCE)
