@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from petune.config import PeftConfig, PeftType, TaskType
+    from petune.hotswap import hotswap_adapter
     from petune.layers import BASE_ADAPTER
     from petune.methods.fourierft import FourierFTConfig
     from petune.methods.hra import HRAConfig
@@ -64,6 +65,7 @@ _SOURCES = {
     "VeraConfig": "petune.methods.vera",
     "create_loraplus_optimizer": "petune.methods.lora",
     "get_peft_model": "petune.peft_model",
+    "hotswap_adapter": "petune.hotswap",
 }
 
 __all__ = [
@@ -93,6 +95,7 @@ __all__ = [
     "__version__",
     "create_loraplus_optimizer",
     "get_peft_model",
+    "hotswap_adapter",
 ]
 
 

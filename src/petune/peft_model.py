@@ -139,6 +139,15 @@ class PeftModel(nn.Module):
                 )
                 self.set_adapter(remaining[0])
 
+    def add_weighted_adapter(
+        self, adapters: Sequence[str], weights: Sequence[float], adapter_name: str, *args: Any, **kwargs: Any
+    ) -> None:
+        """LoRA: add `adapter_name` combining `adapters` with `weights`; HF PEFT's further arguments, in its order
+        (`combination_type="svd"`, `svd_rank`, ...). See `petune.methods.lora.weighted.add_weighted_adapter`."""
+        from petune.methods.lora.weighted import add_weighted_adapter
+
+        add_weighted_adapter(self, adapters, weights, adapter_name, *args, **kwargs)
+
     @property
     def active_adapters(self) -> list[str]:
         return [self.active_adapter] if self.active_adapter else []

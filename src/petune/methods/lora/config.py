@@ -35,6 +35,9 @@ class LoraConfig(PeftConfig):
         layers_pattern: the name of the block list, e.g. `"layers"` or `"h"`, for `layers_to_transform`.
         rank_pattern: per-module ranks, `{name pattern: r}`, overriding `r`.
         alpha_pattern: per-module alphas, `{name pattern: alpha}`, overriding `lora_alpha`.
+        trainable_token_indices: also train these rows of the input embedding (a list of token ids), or of
+            the named modules (`{"embed_tokens": [ids], ...}`), e.g. new tokens' rows; see
+            `petune.methods.lora.trainable_tokens`.
     """
 
     r: int = 8
@@ -51,6 +54,7 @@ class LoraConfig(PeftConfig):
     layers_pattern: list[str] | str | None = None
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
+    trainable_token_indices: list[int] | dict[str, list[int]] | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -70,9 +74,23 @@ class LoraConfig(PeftConfig):
                 f"LoraConfig.init_lora_weights={init!r} is not supported; use True, False, 'gaussian', "
                 f"'pissa' or 'pissa_niter_K'"
             )
+        _check_token_indices(self.trainable_token_indices)
         if isinstance(self.target_modules, list | tuple | set):
             self.target_modules = sorted(set(self.target_modules))
         if isinstance(self.layers_to_transform, int):
             self.layers_to_transform = [self.layers_to_transform]
         if self.layers_to_transform is not None and isinstance(self.target_modules, str):
             raise ValueError("LoraConfig.layers_to_transform needs a list target_modules, not a regex")
+
+
+def _check_token_indices(indices: object) -> None:
+    """`trainable_token_indices` is None, a list of ids >= 0, or `{module name: [ids]}`."""
+    if indices is None:
+        return
+    lists = list(indices.values()) if isinstance(indices, dict) else [indices]
+    for ids in lists:
+        if not isinstance(ids, list | tuple) or not all(isinstance(i, int) and i >= 0 for i in ids):
+            raise ValueError(
+                "LoraConfig.trainable_token_indices must be a list of token ids (ints >= 0) or "
+                f"{{module name: [ids]}}, got {indices!r}"
+            )

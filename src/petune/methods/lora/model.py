@@ -9,6 +9,12 @@ from petune.config import PeftConfig
 from petune.layers import ModulesToSave, adapter_layers
 from petune.methods.lora.config import LoraConfig
 from petune.methods.lora.layer import LoraLayer
+from petune.methods.lora.trainable_tokens import (
+    add_token_rows,
+    check_token_rows_mergeable,
+    merge_token_rows,
+    unmerge_token_rows,
+)
 from petune.methods.tuner import LayerTuner, per_module
 
 
@@ -34,7 +40,18 @@ class Lora(LayerTuner):
             self.bias_adapter = name
         super().add(name, config)
         self._set_bias_trainable(name, config)
+        if config.trainable_token_indices is not None:
+            add_token_rows(self.model, name, config.trainable_token_indices, config.modules_to_save)
         return None
+
+    def merge(self, names: list[str], safe_merge: bool) -> None:
+        check_token_rows_mergeable(self.model, names)
+        super().merge(names, safe_merge)
+        merge_token_rows(self.model, names)
+
+    def unmerge(self) -> None:
+        super().unmerge()
+        unmerge_token_rows(self.model)
 
     def add_to_layer(self, layer: LoraLayer, module_name: str, name: str, config: PeftConfig) -> None:
         assert isinstance(config, LoraConfig)
