@@ -18,6 +18,7 @@ from torch import nn
 
 from petune import io, kernels, targets
 from petune.config import CLASSIFIER_MODULE_NAMES, PeftConfig
+from petune.integrations import trainer as trainer_integration
 from petune.layers import (
     BASE_ADAPTER,
     ModulesToSave,
@@ -57,6 +58,7 @@ class PeftModel(nn.Module):
             kernels.enable(model)
         self.add_adapter(adapter_name, peft_config)
         self.set_adapter(adapter_name)
+        trainer_integration.recognise_if_trainer_imported()  # transformers' Trainer and TRL see a PEFT model
 
     # --- adapters -------------------------------------------------------------------------------
 
@@ -351,8 +353,15 @@ class PeftModel(nn.Module):
         allow_pickle: bool = False,
         **kwargs: Any,
     ) -> None:
-        """Load another adapter folder next to the existing adapters (not activated)."""
+        """Load another adapter folder next to the existing adapters (not activated).
+
+        Into an existing `adapter_name`, only the weights load and its trainability stays (HF PEFT's behaviour, on
+        which `Trainer(resume_from_checkpoint=...)` relies).
+        """
         directory = _adapter_dir(model_id, subfolder)
+        if adapter_name in self.peft_config:
+            self._load_weights(directory, adapter_name, allow_pickle)
+            return
         config = PeftConfig.from_pretrained(directory)
         config.inference_mode = not is_trainable
         self.add_adapter(adapter_name, config)
