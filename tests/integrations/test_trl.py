@@ -19,9 +19,7 @@ from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
 from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
 from petune import LoraConfig, PeftConfig, PeftModel, PromptTuningConfig, get_peft_model
-from tests.train.tiny import chat_rows, tiny_model_dir, tokenizer
-
-__all__ = ["tiny_model_dir", "tokenizer"]  # the fixtures this file uses
+from tests.train.tiny import chat_rows
 
 LORA = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"], "init_lora_weights": False}
 CONFIGS: dict[str, PeftConfig] = {
