@@ -40,7 +40,14 @@ def preference(row):
 data = load_dataset("json", data_files=str(files("petune") / "data" / "demo_train.jsonl"), split="train")
 data = data.map(preference, remove_columns=["messages"])
 on_cpu = not torch.cuda.is_available()
-config = DPOConfig(args.output, max_steps=args.max_steps, per_device_train_batch_size=4, max_length=128, use_cpu=on_cpu)
+config = DPOConfig(
+    args.output,
+    max_steps=args.max_steps,
+    per_device_train_batch_size=4,
+    max_length=128,
+    use_cpu=on_cpu,
+    bf16=not on_cpu,  # TRL's default; a CPU multiplies bf16 matrices slowly
+)
 trainer = DPOTrainer(model=model, args=config, train_dataset=data, processing_class=tokenizer)
 trainer.train()
 trainer.save_model(args.output)  # the adapter only

@@ -31,13 +31,15 @@ model = get_peft_model(
 )
 
 data = load_dataset("json", data_files=str(files("petune") / "data" / "demo_train.jsonl"), split="train")
+on_cpu = not torch.cuda.is_available()
 config = SFTConfig(
     args.output,
     max_steps=args.max_steps,
     per_device_train_batch_size=4,
     packing=True,
     max_length=256,
-    use_cpu=not torch.cuda.is_available(),
+    use_cpu=on_cpu,
+    bf16=not on_cpu,  # TRL's default; a CPU multiplies bf16 matrices slowly
 )
 trainer = SFTTrainer(model=model, args=config, train_dataset=data, processing_class=tokenizer)
 trainer.train()
