@@ -132,3 +132,17 @@ def test_dpo_without_a_reference_model_starts_at_log_2(
     for key, value in before.items():
         torch.testing.assert_close(reference[key], value, rtol=0, atol=0)  # the reference never trained
     assert_trained_and_saved(model, before, tmp_path / "run" / "checkpoint-3")
+
+
+def test_an_adapter_on_lm_head_is_refused_under_trl(
+    tiny_model_dir: Path, tokenizer: PreTrainedTokenizerBase, tmp_path: Path
+) -> None:
+    """TRL's fused LM head reads lm_head.weight itself: a LoRA there would silently never train."""
+    config = LoraConfig(task_type="CAUSAL_LM", r=4, target_modules=["q_proj", "lm_head"])
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), config)
+    args = SFTConfig(**run_settings(tmp_path / "run"))
+    trainer = SFTTrainer(
+        model=model, args=args, train_dataset=Dataset.from_list(chat_rows(8)), processing_class=tokenizer
+    )
+    with pytest.raises(ValueError, match=r"fused LM head.*remove 'lm_head'"):
+        trainer.train()

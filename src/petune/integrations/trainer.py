@@ -35,6 +35,8 @@ from typing import Any
 
 from torch import nn
 
+from petune.layers import AdapterLayer
+
 # Module -> the name it binds `isinstance(model, peft.PeftModel)` to (each module imported the function by value).
 TRANSFORMERS_PREDICATES = {
     "transformers.trainer_utils": "_is_peft_model",
@@ -153,11 +155,23 @@ def check_can_train(model: nn.Module) -> None:
             f"adapter(s) {model._merged} are merged into the base weights, where they get no gradient: "
             f"call model.unmerge_adapter() before training"
         )
+    if _runs_trl_fused_head(model) and isinstance(model.get_output_embeddings(), AdapterLayer):
+        raise ValueError(
+            "TRL computes log-probabilities from lm_head.weight directly (its fused LM head), so an adapter on "
+            "lm_head would never train: remove 'lm_head' from target_modules and modules_to_save"
+        )
     if not any(param.requires_grad for param in model.parameters()):
         raise ValueError(
             f"this petune model has no trainable parameters (adapter {model.active_adapter!r} was loaded for "
             f"inference): load it with PeftModel.from_pretrained(..., is_trainable=True)"
         )
+
+
+def _runs_trl_fused_head(model: Any) -> bool:
+    """Whether TRL's `add_fused_lm_head` replaced the base model's forward (an instance attribute it sets)."""
+    forward = vars(model.get_base_model()).get("forward")
+    function = getattr(forward, "__func__", None)
+    return getattr(getattr(function, "__code__", None), "co_name", "") == "_fused_forward"
 
 
 @functools.cache
