@@ -143,3 +143,14 @@ def test_a_merged_adapter_is_refused_with_a_petune_error(tmp_path: Path) -> None
     model.merge_adapter()
     with pytest.raises(ValueError, match=r"merged into the base weights.*unmerge_adapter"):
         Trainer(model=model, args=arguments(tmp_path / "run"), train_dataset=token_dataset())
+
+
+def test_save_pretrained_takes_the_adapter_from_a_given_state_dict(tmp_path: Path) -> None:
+    """Trainer passes `state_dict=` (gathered by DeepSpeed ZeRO-3 or FSDP); those values are what gets saved."""
+    model = tiny_petune("lora")
+    given = {name: value + 1 for name, value in model.state_dict().items()}
+    model.save_pretrained(tmp_path, state_dict=given)
+    saved, live = load_file(tmp_path / "adapter_model.safetensors"), adapter_tensors(model)
+    assert set(saved) == set(live)
+    for key, value in live.items():
+        torch.testing.assert_close(saved[key], value + 1, rtol=0, atol=0)
