@@ -146,3 +146,13 @@ def test_an_adapter_on_lm_head_is_refused_under_trl(
     )
     with pytest.raises(ValueError, match=r"fused LM head.*remove 'lm_head'"):
         trainer.train()
+
+
+@pytest.mark.parametrize("method", list(CONFIGS))
+def test_sft_evaluates(method: str, tiny_model_dir: Path, tokenizer: PreTrainedTokenizerBase, tmp_path: Path) -> None:
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), CONFIGS[method])
+    data = Dataset.from_list(chat_rows(8))
+    args = SFTConfig(**run_settings(tmp_path / "run", per_device_eval_batch_size=4))
+    trainer = SFTTrainer(model=model, args=args, train_dataset=data, eval_dataset=data, processing_class=tokenizer)
+    metrics = trainer.evaluate()
+    assert torch.isfinite(torch.tensor(metrics["eval_loss"]))
