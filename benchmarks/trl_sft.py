@@ -42,7 +42,7 @@ def render(results: dict[str, dict[str, Any]], settings: Settings, command: str,
     ours, theirs = results[TRL_PETUNE], results["trl"]
     versions = ", ".join(f"{name} {ours.get(name, '?')}" for name in ("petune", "peft", "trl", "transformers", "torch"))
     median = f"median of {repeats} alternating runs per side" if repeats > 1 else "one run per side"
-    each = {side: ", ".join(f"{v:.0f}" for v in results[side].get("all_tokens_per_s", [])) for side in SIDES}
+    each = {side: ", ".join(f"{v:.1f}" for v in results[side].get("all_tokens_per_s", [])) for side in SIDES}
     return "\n".join(
         [
             SECTION,
@@ -57,7 +57,7 @@ def render(results: dict[str, dict[str, Any]], settings: Settings, command: str,
             "",
             "| | SFTTrainer + petune | SFTTrainer + peft | petune / peft |",
             "|---|---|---|---|",
-            row("tokens/s", ours, theirs, "tokens_per_s", ".0f"),
+            row("tokens/s", ours, theirs, "tokens_per_s", ".1f"),
             row("training loop s", ours, theirs, "loop_s", ".1f"),
             row("training loop CPU s (all threads; less sensitive to other load)", ours, theirs, "loop_cpu_s", ".1f"),
             row("non-padding tokens", ours, theirs, "tokens", ".0f"),
