@@ -21,6 +21,7 @@ from typing import Any
 
 RESULT_PREFIX = "E2E_RESULT "  # TRL prints its logs as Python dicts on stdout; our line is told apart by this
 SIDES = ("trl", "petune")
+TRL_PETUNE = "trl-petune"  # TRL's SFTTrainer training petune's LoRA instead of peft's (benchmarks/trl_sft.py)
 
 
 @dataclass
@@ -114,14 +115,16 @@ def run_petune(settings: Settings) -> dict[str, Any]:
     }
 
 
-def run_trl(settings: Settings, records_file: str, model_dir: str) -> dict[str, Any]:
-    """TRL's SFTTrainer with a peft LoraConfig on `settings`, reading the records of `records_file` in order."""
+def run_trl(settings: Settings, records_file: str, model_dir: str, adapters: str = "peft") -> dict[str, Any]:
+    """TRL's SFTTrainer with a peft LoraConfig (or, `adapters="petune"`, a model wrapped by petune's
+    `get_peft_model` with the same config) on `settings`, reading the records of `records_file` in order."""
     import peft
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
+    import petune
     from petune.plan.measure import resident_mb  # petune's modules add under 1 MB to a process that has torch
 
     class LoopClock(TrainerCallback):
@@ -137,10 +140,13 @@ def run_trl(settings: Settings, records_file: str, model_dir: str) -> dict[str, 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     if tokenizer.pad_token is None:  # as petune does
         tokenizer.pad_token = tokenizer.eos_token
-    lora = peft.LoraConfig(
+    library: Any = petune if adapters == "petune" else peft
+    lora = library.LoraConfig(
         task_type="CAUSAL_LM", r=settings.lora_r, lora_alpha=settings.lora_alpha,
         lora_dropout=settings.lora_dropout, target_modules=list(settings.target_modules),
     )  # fmt: skip
+    if adapters == "petune":  # TRL's peft_config= takes only peft's configs: wrap first, as README shows
+        model, lora = petune.get_peft_model(model, lora), None
     clock = LoopClock()
     with tempfile.TemporaryDirectory(prefix="trl-e2e-") as output:
         trainer = SFTTrainer(
@@ -197,14 +203,16 @@ def run_side(side: str, settings: Settings, records_file: str | None, model_dir:
     import torch
     import transformers
 
-    if side == "trl":
+    if side in ("trl", TRL_PETUNE):
         if records_file is None or model_dir is None:
-            raise SystemExit("trl needs --records and --model-dir (e2e_trl.py writes and passes them)")
-        result = run_trl(settings, records_file, model_dir)
+            raise SystemExit(f"{side} needs --records and --model-dir (e2e_trl.py writes and passes them)")
+        result = run_trl(settings, records_file, model_dir, "petune" if side == TRL_PETUNE else "peft")
         import peft
         import trl
 
-        versions = {"trl": trl.__version__, "peft": peft.__version__}
+        import petune
+
+        versions = {"trl": trl.__version__, "peft": peft.__version__, "petune": petune.__version__}
     else:
         result = run_petune(settings)
         import petune
@@ -217,7 +225,7 @@ def run_side(side: str, settings: Settings, records_file: str | None, model_dir:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("side", choices=SIDES)
+    parser.add_argument("side", choices=(*SIDES, TRL_PETUNE))
     parser.add_argument("--settings", default="{}", help="Settings fields as JSON; the rest keep their defaults")
     parser.add_argument("--records", help="trl: the records to train on, in order (JSON list)")
     parser.add_argument("--model-dir", help="trl: the model folder (petune's side loads the embedded model)")

@@ -102,17 +102,17 @@ def median_result(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return merged
 
 
-def compare(settings: Settings, repeats: int) -> dict[str, dict[str, Any]]:
-    """{side: median result}; the sides alternate, TRL first, each run a fresh process."""
+def compare(settings: Settings, repeats: int, sides: tuple[str, ...] = SIDES) -> dict[str, dict[str, Any]]:
+    """{side: median result}; the sides alternate, in the order of `sides`, each run a fresh process."""
     from petune.embedded import embedded_model_dir
 
     model_dir = str(embedded_model_dir())  # what petune's side loads when no --model is given
-    runs: dict[str, list[dict[str, Any]]] = {side: [] for side in SIDES}
+    runs: dict[str, list[dict[str, Any]]] = {side: [] for side in sides}
     with tempfile.NamedTemporaryFile("w", suffix=".json", prefix="e2e-records-", delete=False) as handle:
         json.dump(trl_records(settings), handle)
     try:
         for _ in range(repeats):
-            for side in SIDES:
+            for side in sides:
                 runs[side].append(measure(side, settings, handle.name, model_dir))
                 print(side, {k: v for k, v in runs[side][-1].items() if k != "losses"}, flush=True)
     finally:

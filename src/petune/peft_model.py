@@ -18,6 +18,7 @@ from torch import nn
 
 from petune import io, kernels, targets
 from petune.config import CLASSIFIER_MODULE_NAMES, PeftConfig
+from petune.integrations import trainer as trainer_integration
 from petune.layers import (
     BASE_ADAPTER,
     ModulesToSave,
@@ -57,6 +58,7 @@ class PeftModel(nn.Module):
             kernels.enable(model)
         self.add_adapter(adapter_name, peft_config)
         self.set_adapter(adapter_name)
+        trainer_integration.recognise_if_trainer_imported()  # transformers' Trainer and TRL see a PEFT model
 
     # --- adapters -------------------------------------------------------------------------------
 
@@ -289,13 +291,22 @@ class PeftModel(nn.Module):
 
     # --- saving and loading -----------------------------------------------------------------------
 
-    def adapter_state_dict(self, adapter_name: str) -> dict[str, torch.Tensor]:
-        """Adapter `adapter_name`'s tensors under HF PEFT's file keys."""
+    def adapter_state_dict(
+        self, adapter_name: str, state_dict: dict[str, torch.Tensor] | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Adapter `adapter_name`'s tensors under HF PEFT's file keys.
+
+        `state_dict` (this model's own, e.g. gathered by DeepSpeed ZeRO-3 or FSDP, which `Trainer` passes to
+        `save_pretrained`): the adapter layers' tensors are taken from it rather than from the live parameters.
+        """
         assert self._method is not None
         config = self.peft_config[adapter_name]
         module = self._adapter_module(adapter_name)
         params = io.layer_parameters(self.base_model, adapter_name, self._method.file_prefix)
         tensors = {k: p.detach() for k, p in params.items()}
+        if state_dict is not None:
+            own_name = {id(param): name for name, param in self.named_parameters(remove_duplicate=False)}
+            tensors = {k: state_dict.get(own_name[id(p)], tensors[k]) for k, p in params.items()}
         tensors.update(self._method.state_dict(adapter_name, config, module))
         return tensors
 
@@ -310,7 +321,8 @@ class PeftModel(nn.Module):
         """Write each adapter as `adapter_config.json` + `adapter_model.safetensors`.
 
         The `default` adapter goes into `save_directory`, any other into `save_directory/<name>`,
-        as HF PEFT does. Weights are written atomically.
+        as HF PEFT does. Weights are written atomically. A `state_dict=` keyword (what `Trainer` passes) supplies
+        the adapter layers' tensors (see `adapter_state_dict`).
         """
         if not safe_serialization:
             raise ValueError("petune writes safetensors only (pickle files can run code when loaded)")
@@ -319,7 +331,7 @@ class PeftModel(nn.Module):
         for name in selected_adapters or list(self.peft_config):
             self._check_exists(name)
             directory = Path(save_directory) if name == "default" else Path(save_directory) / name
-            io.save_tensors(self.adapter_state_dict(name), directory / io.WEIGHTS_NAME)
+            io.save_tensors(self.adapter_state_dict(name, kwargs.get("state_dict")), directory / io.WEIGHTS_NAME)
             config = copy.deepcopy(self.peft_config[name])
             config.inference_mode = True
             config.save_pretrained(directory)
@@ -360,8 +372,15 @@ class PeftModel(nn.Module):
         allow_pickle: bool = False,
         **kwargs: Any,
     ) -> None:
-        """Load another adapter folder next to the existing adapters (not activated)."""
+        """Load another adapter folder next to the existing adapters (not activated).
+
+        Into an existing `adapter_name`, only the weights load and its trainability stays (HF PEFT's behaviour, on
+        which `Trainer(resume_from_checkpoint=...)` relies).
+        """
         directory = _adapter_dir(model_id, subfolder)
+        if adapter_name in self.peft_config:
+            self._load_weights(directory, adapter_name, allow_pickle)
+            return
         config = PeftConfig.from_pretrained(directory)
         config.inference_mode = not is_trainable
         self.add_adapter(adapter_name, config)

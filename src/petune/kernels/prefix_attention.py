@@ -52,7 +52,7 @@ def causal_attention_behind_prefix(
     length = query.shape[2]
     if key.shape[2] != virtual + length:
         raise ValueError(f"expected {virtual} prefix keys before the {length} queries' own, got {key.shape[2]}")
-    if merges(query, dropout):
+    if merges(query, dropout, key, value):
         (prefix_key, key), (prefix_value, value) = (x.split([virtual, length], dim=2) for x in (key, value))
         return merged_prefix_attention(query, key, value, prefix_key, prefix_value, scale)
     padded = torch.cat([query.new_zeros(*query.shape[:2], virtual, query.shape[3]), query], dim=2)
@@ -73,12 +73,17 @@ def merged_prefix_attention(
     return out
 
 
-def merges(query: torch.Tensor, dropout: float) -> bool:
-    """Whether attention behind a prefix runs as `MergedPrefixAttention` (see the module's doc)."""
+def merges(query: torch.Tensor, dropout: float, key: torch.Tensor, value: torch.Tensor) -> bool:
+    """Whether attention behind a prefix runs as `MergedPrefixAttention` (see the module's doc).
+
+    Under CPU autocast (TRL's default `bf16=True`) the rotated query and key are fp32 beside a bf16 value; the flash
+    op takes one dtype, so such calls go through SDPA, which autocast casts.
+    """
     from petune.kernels import enabled_by_default
 
     return (
         query.device.type == "cpu"
+        and key.dtype == value.dtype == query.dtype
         and query.dtype not in DTYPES
         and dropout == 0.0
         and _FLASH_BACKWARD is not None

@@ -74,7 +74,7 @@ class Packing:
         causally to their own. Otherwise each row runs as [virtual, row], the virtual queries included (with no
         padding `is_causal`, no mask), and the virtual tokens' output is taken from the first row.
         """
-        if self.mask is None and merges(query, dropout):
+        if self.mask is None and merges(query, dropout, key, value):
             return self.attend_behind_virtual(query, key, value, scale)
         query, key, value = self.per_row(query), self.per_row(key), self.per_row(value)
         if self.mask is None:
