@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from petune.files import one_line, read_text
 from petune.train import UserError
 
 METHOD_NAMES = ("full", "lora", "dora", "rslora", "qlora", "prompt", "ptuning", "prefix")
@@ -233,12 +234,11 @@ def build_config(*layers: dict[str, Any]) -> TrainConfig:
 def read_yaml(path: str | Path) -> dict[str, Any]:
     """A YAML config file as a mapping, with clear errors for a missing or malformed file."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"config file {path} does not exist")
+    text = read_text(path, "config file", "pass a YAML file of option: value lines (see `petune train --help`)")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(text)
     except yaml.YAMLError as error:
-        raise UserError(f"{path} is not valid YAML: {error}") from None
+        raise UserError(f"{path} is not valid YAML: {one_line(str(error))}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

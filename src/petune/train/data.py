@@ -13,6 +13,7 @@ its own, so the model trains on exactly the tokens it will see when it generates
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import random
@@ -24,6 +25,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from petune.files import read_text
 from petune.train import UserError
 
 IGNORE_INDEX = -100  # label of a token that carries no loss (cross_entropy's ignore_index)
@@ -65,26 +67,25 @@ class Example:
 def read_rows(path: str | Path) -> list[tuple[str, dict[str, Any]]]:
     """(location, raw record) for each record of a .jsonl, .json or .csv file."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"data file {path} does not exist")
     suffix = path.suffix.lower()
+    fix = "pass a UTF-8 .jsonl, .json or .csv file of records"
+    if path.is_file() and suffix not in (".jsonl", ".json", ".csv"):
+        raise UserError(f"{path}: unsupported data file type {suffix or '(none)'!r}; use .jsonl, .json or .csv")
+    text = read_text(path, "data file", fix)
     rows: list[tuple[str, Any]] = []
     if suffix == ".jsonl":
-        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        for number, line in enumerate(text.splitlines(), start=1):
             if line.strip():
                 rows.append((f"{path}:{number}", _json(line, f"{path}:{number}")))
     elif suffix == ".json":
-        data = _json(path.read_text(encoding="utf-8"), str(path))
+        data = _json(text, str(path))
         if not isinstance(data, list):
             raise UserError(f"{path}: expected a JSON list of records, got a {type(data).__name__}")
         rows = [(f"{path}: record {number}", item) for number, item in enumerate(data, start=1)]
     elif suffix == ".csv":
-        with path.open(newline="", encoding="utf-8") as handle:
-            reader = csv.DictReader(handle)
-            # a CSV row has every column: an empty cell is a field the record does not have
-            rows = [(f"{path}:{reader.line_num}", {k: v for k, v in row.items() if v}) for row in reader]
-    else:
-        raise UserError(f"{path}: unsupported data file type {suffix or '(none)'!r}; use .jsonl, .json or .csv")
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        # a CSV row has every column: an empty cell is a field the record does not have
+        rows = [(f"{path}:{reader.line_num}", {k: v for k, v in row.items() if v}) for row in reader]
     for where, row in rows:
         if not isinstance(row, dict):
             raise UserError(f"{where}: a record must be an object with fields ({EXPECTED}), got {row!r:.80}")
