@@ -97,7 +97,9 @@ class TrainConfig:
     max_grad_norm: float = option(1.0, "clip the gradient norm to this (0: no clipping)")
     max_length: int = option(512, "tokens per example; longer examples are cut at the end (and counted)")
     train_on_prompt: bool = option(False, "also train on prompt tokens (default: loss on completions only)")
-    packing: bool = option(False, "pack several examples into each max-length row")
+    packing: bool = option(
+        False, "pack several examples into each max-length row, each attending only to itself (not prompt methods)"
+    )
     gradient_checkpointing: bool = option(
         False, "recompute each layer's activations in backward: less memory, slower steps (BENCHMARKS.md)"
     )
@@ -133,6 +135,11 @@ class TrainConfig:
             raise UserError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
         if self.lr is not None and self.lr <= 0:
             raise UserError(f"--lr must be positive, got {self.lr}")
+        if self.packing and self.method in ("prompt", "ptuning", "prefix"):
+            raise UserError(
+                f"--packing works with full fine-tuning and the LoRA methods; --method {self.method} adds its "
+                f"virtual tokens once per row, not once per packed example: drop --packing"
+            )
         if self.resume and self.output is None:
             raise UserError("--resume needs --output, the run folder to continue")
 
