@@ -43,6 +43,7 @@ class Settings:
     precision: str = "fp32"  # fp32 | bf16 (petune: bf16 base + autocast; TRL: bf16 autocast on an fp32 model)
     seed: int = 0
     data: str | None = None  # None: petune's bundled demo training set
+    packing: bool = False  # petune's side packs examples into rows (TRL's stays unpacked, its default)
 
 
 def data_path(settings: Settings) -> str:
@@ -58,8 +59,8 @@ def petune_options(settings: Settings, output: str) -> dict[str, Any]:
         "max_steps": settings.steps, "batch_size": settings.batch_size, "grad_accum": 1, "lr": settings.lr,
         "schedule": settings.schedule, "warmup_steps": settings.warmup_steps, "weight_decay": settings.weight_decay,
         "max_grad_norm": settings.max_grad_norm, "max_length": settings.max_length, "train_on_prompt": False,
-        "packing": False, "precision": settings.precision, "eval_every": 0, "save_every": 0, "eval_samples": 0,
-        "seed": settings.seed,
+        "packing": settings.packing, "precision": settings.precision, "eval_every": 0, "save_every": 0,
+        "eval_samples": 0, "seed": settings.seed,
         "lora": {"r": settings.lora_r, "lora_alpha": settings.lora_alpha, "lora_dropout": settings.lora_dropout,
                  "target_modules": list(settings.target_modules)},
     }  # fmt: skip
@@ -103,7 +104,9 @@ def run_petune(settings: Settings) -> dict[str, Any]:
         loop.train_steps(run, 0)
         seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
         rows = [json.loads(line) for line in (Path(output) / "metrics.jsonl").read_text().splitlines()]
-    examples = [run.data.train[i] for i in petune_order(settings)]
+    # the rows trained on (records, or packed rows of several), step after step
+    steps = [loop.micro_batches(step, len(run.data.train), cfg, 1, 0) for step in range(settings.steps)]
+    examples = [run.data.train[i] for batches in steps for ids in batches for i in ids]
     losses = [row["loss"] for row in rows if "loss" in row]
     return {
         "tokens": sum(len(e.input_ids) for e in examples),
@@ -111,6 +114,7 @@ def run_petune(settings: Settings) -> dict[str, Any]:
         "loop_s": seconds,
         "loop_cpu_s": cpu_seconds,
         "losses": losses,
+        "packing": settings.packing,
         **memory_results(loop_start_rss),
     }
 

@@ -28,6 +28,7 @@ from petune.embedded import (
     load_model_and_tokenizer,
     resolve_model_path,
 )
+from petune.files import FileError
 
 pytestmark = pytest.mark.real_model
 
@@ -170,10 +171,12 @@ def test_load_rejects_unknown_task() -> None:
 
 
 def test_resolve_model_path(tmp_path: Path, model_dir: Path) -> None:
-    missing = str(tmp_path / "does-not-exist")
-    assert resolve_model_path(missing) == missing
+    with pytest.raises(FileError, match="does-not-exist does not exist"):
+        resolve_model_path(str(tmp_path / "does-not-exist"))  # a path, not a hub id: no hub lookup
     assert resolve_model_path("HuggingFaceTB/SmolLM2-135M-Instruct") == "HuggingFaceTB/SmolLM2-135M-Instruct"
-    assert resolve_model_path(str(tmp_path)) == str(tmp_path)
+    with pytest.raises(FileError, match=r"has no config\.json"):
+        resolve_model_path(str(tmp_path))
+    assert resolve_model_path(str(model_dir)) == str(model_dir)
     for name in (None, "smollm2", "embedded", "SmolLM2"):
         assert resolve_model_path(name) == str(model_dir)
 
@@ -187,6 +190,8 @@ def test_resolve_gguf_path_uses_cache(tmp_path: Path, monkeypatch: pytest.Monkey
 
     monkeypatch.setenv("PETUNE_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(embedded, "gguf_to_hf_folder", fake_convert)
+    monkeypatch.setattr(embedded, "check_gguf", lambda *_: None)  # the file and the folder are stand-ins
+    monkeypatch.setattr(embedded, "check_model_folder", lambda *_: None)
     gguf = tmp_path / "tiny.gguf"
     gguf.write_bytes(b"GGUF-ish")
     first = resolve_model_path(str(gguf))

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from petune.files import read_json
+
 CONFIG_NAME = "adapter_config.json"
 
 
@@ -155,7 +157,7 @@ def read_config_dict(directory: str | Path) -> dict[str, Any]:
             if subfolders:
                 hint = f"; adapters found in subfolders: {', '.join(subfolders)} (pass subfolder=NAME)"
         raise FileNotFoundError(f"no adapter config at {path}{hint}")
-    data: dict[str, Any] = json.loads(path.read_text())
-    if "peft_type" not in data:
+    data = read_json(path, "adapter config", "copy the adapter folder again from where it was saved, or retrain it")
+    if not isinstance(data, dict) or "peft_type" not in data:
         raise ValueError(f"{path} has no 'peft_type' field; is it an adapter config?")
     return data

@@ -28,6 +28,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from petune.files import FileError, check_gguf, check_model_folder, looks_like_hub_id
+
 __all__ = [
     "EMBEDDED_GGUF_NAME",
     "EMBEDDED_MODEL_NAME",
@@ -169,18 +171,33 @@ def resolve_model_path(name_or_path: str | None) -> str:
     """Turn a model name or path into something ``from_pretrained`` accepts.
 
     ``None``, ``"smollm2"`` or ``"embedded"`` give the embedded model's folder; a ``.gguf`` file is
-    converted into ``cache_dir()/<stem>-<hash>``; an existing folder and anything else (e.g. a hub id) are
-    returned as is.
+    converted into ``cache_dir()/<stem>-<hash>``; an existing folder and a hub id are returned as is. Every
+    local file is checked first (``petune.files``): a missing or damaged one raises a ``FileError`` naming it.
     """
     if name_or_path is None or name_or_path.lower() in EMBEDDED_ALIASES:
-        return str(embedded_model_dir())
+        return _checked_cache(embedded_model_dir())
     path = Path(name_or_path).expanduser()
     if path.suffix.lower() == ".gguf" and path.is_file():
+        check_gguf(path, "copy or download the GGUF file again")
         resolved = path.resolve()
         key = f"{resolved}:{resolved.stat().st_size}".encode()
         out_dir = cache_dir() / f"{resolved.stem}-{hashlib.sha256(key).hexdigest()[:12]}"
-        return str(gguf_to_hf_folder(resolved, out_dir))
+        return _checked_cache(gguf_to_hf_folder(resolved, out_dir))
+    if path.is_dir():
+        check_model_folder(path, "copy or download the model folder again")
+    elif path.exists():
+        raise FileError(
+            "model", path, "is a file, not a model folder or a .gguf file", "pass a model folder, .gguf file or hub id"
+        )
+    elif not looks_like_hub_id(name_or_path):
+        raise FileError("model folder", path, "does not exist", "check the path (or give a hub id, owner/name)")
     return name_or_path
+
+
+def _checked_cache(folder: Path) -> str:
+    """A converted model in petune's cache, checked; a damaged one is the user's to delete (then converted again)."""
+    check_model_folder(folder, f"delete the folder {folder} and petune converts the model again")
+    return str(folder)
 
 
 def load_model_and_tokenizer(

@@ -13,9 +13,10 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
+from petune.files import load_safetensors
 from petune.layers import adapter_layers
 
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -53,7 +54,9 @@ def load_tensors(directory: Path, allow_pickle: bool = False) -> dict[str, torch
     """Read an adapter folder's weights; pickled `adapter_model.bin` only when `allow_pickle=True`."""
     safetensors_path = directory / WEIGHTS_NAME
     if safetensors_path.is_file():
-        return load_file(safetensors_path)
+        return load_safetensors(
+            safetensors_path, "adapter weights", "copy the adapter folder again from where it was saved, or retrain it"
+        )
     pickle_path = directory / PICKLE_WEIGHTS_NAME
     if pickle_path.is_file():
         if not allow_pickle:

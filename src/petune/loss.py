@@ -102,17 +102,21 @@ def without_right_padding_mask(inputs: dict[str, Any], labels: torch.Tensor) -> 
     label is scored from the output before it. So when no label follows a padded position, the loss and its
     gradients are the same without the mask, and attention runs as plain causal attention (SDPA's `is_causal`,
     petune's bf16 kernel) rather than over an explicit mask, which the CPU kernels compute in full.
-    Left padding, gaps, explicit position ids and labels after padding keep the mask.
+    Explicit position ids do not change that, and with them even a mask of all ones goes (packed rows: the
+    position ids alone then make attention causal within each example, see `petune.train.data.pack`). Left
+    padding, gaps and labels after padding keep the mask.
     """
     mask = inputs.get("attention_mask")
-    if not isinstance(mask, torch.Tensor) or mask.dim() != 2 or inputs.get("position_ids") is not None:
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
         return inputs
-    if mask.shape != labels.shape or bool(mask.all()):
+    packed = inputs.get("position_ids") is not None  # restarting positions work only without a mask
+    if mask.shape != labels.shape or (bool(mask.all()) and not packed):
         return inputs
-    right_padded = bool((mask[:, 1:] <= mask[:, :-1]).all())
-    unread = bool((labels[:, 1:][mask[:, :-1] == 0] == IGNORE_INDEX).all())
-    if not (right_padded and unread):
-        return inputs
+    if not bool(mask.all()):
+        right_padded = bool((mask[:, 1:] <= mask[:, :-1]).all())
+        unread = bool((labels[:, 1:][mask[:, :-1] == 0] == IGNORE_INDEX).all())
+        if not (right_padded and unread):
+            return inputs
     return {k: v for k, v in inputs.items() if k != "attention_mask"}
 
 

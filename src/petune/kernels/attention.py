@@ -17,9 +17,14 @@ backward, 2 cores): bf16 0.44-0.63x SDPA's time from 128 to 512 positions (0.71x
 close to fp64 as SDPA's own bf16 ones. A whole SmolLM2 LoRA step in bf16, 4 x 256, is in BENCHMARKS.md. In
 fp32 (128-row blocks) a LoRA step gained 3.5% for twice the extra memory, so fp32 stays with SDPA.
 
+Packed rows (`petune.train.data.pack`) run blocked too: there transformers passes a mask that is causal within
+each example of a row (built from position ids that restart), `packed_segments` recognises it, and each block's
+scores are masked by example as well (rows x keys per block, per batch row; the probabilities outside an
+example are 0, so backward needs no change).
+
 It takes a call only when all of these hold, and leaves every other call to SDPA: CPU, bf16, gradients
-being recorded, causal with no mask (no padding), query length = key length, one head size for queries, keys
-and values, no dropout, 2 to `MAX_LENGTH` positions, and the kernels on (`PETUNE_KERNELS` not 0).
+being recorded, causal with no mask or a packed rows' mask (no padding), query length = key length, one head
+size for queries, keys and values, no dropout, 2 to `MAX_LENGTH` positions, and the kernels on (`PETUNE_KERNELS` not 0).
 tests/kernels/test_attention.py checks it against SDPA (exact in fp32, to bf16 rounding in bf16) and where it
 runs.
 
@@ -92,22 +97,45 @@ def sdpa_forward(
     """transformers' SDPA attention, but causal unmasked training calls in bf16 on a CPU run blocked."""
     causal = kwargs.get("is_causal")
     causal = getattr(module, "is_causal", True) if causal is None else causal
-    if (
-        causal
-        and attention_mask is None
-        and not any(kwargs.get(name) is not None for name in _SDPA_ONLY)
-        and takes(query, key, value, dropout)
-    ):
-        return _blocked(query, key, value, scaling).transpose(1, 2).contiguous(), None
+    if causal and not any(kwargs.get(name) is not None for name in _SDPA_ONLY) and takes(query, key, value, dropout):
+        segments = None if attention_mask is None else packed_segments(attention_mask, query.shape[0], query.shape[2])
+        if attention_mask is None or segments is not None:
+            return _blocked(query, key, value, scaling, segments).transpose(1, 2).contiguous(), None
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
 
 
-def _blocked(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float | None) -> torch.Tensor:
+def _blocked(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    scale: float | None,
+    segments: torch.Tensor | None = None,
+) -> torch.Tensor:
     """`BlockedCausalAttention` with SDPA's default scale, 1 / sqrt(head size)."""
     out: torch.Tensor = BlockedCausalAttention.apply(
-        query, key, value, query.shape[-1] ** -0.5 if scale is None else scale
+        query, key, value, query.shape[-1] ** -0.5 if scale is None else scale, segments
     )
     return out
+
+
+def packed_segments(mask: torch.Tensor, batch: int, length: int) -> torch.Tensor | None:
+    """(B, T) index of the example each position belongs to, when the boolean (B or 1, 1, T, T) `mask` (True:
+    attend) is causal attention within consecutive examples, as transformers builds it for packed rows; else None.
+
+    An example starts where a position may not see the one before it; the mask must then equal
+    "same example and not in the future" everywhere (an O(B T^2) comparison of booleans, once per layer).
+    """
+    if mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[2:] != (length, length):
+        return None
+    if mask.shape[0] not in (1, batch):
+        return None
+    rows = mask[:, 0]
+    starts = ~rows.diagonal(offset=-1, dim1=1, dim2=2)  # (B, T - 1): position t + 1 does not see t
+    segments = F.pad(starts.long().cumsum(-1), (1, 0))  # (B, T)
+    causal = torch.ones(length, length, dtype=torch.bool, device=mask.device).tril_()
+    if not torch.equal(rows, (segments[:, :, None] == segments[:, None, :]) & causal):
+        return None
+    return segments.expand(batch, length)
 
 
 def interface_config(model: nn.Module) -> Any:
@@ -163,7 +191,15 @@ class BlockedCausalAttention(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float) -> torch.Tensor:
+    def forward(
+        ctx: Any,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        scale: float,
+        segments: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """`segments` (B, T): each position's example in a packed row, attention staying inside it; None: one."""
         batch, heads, length, dim = query.shape
         kv_heads = key.shape[1]
         group = heads // kv_heads
@@ -177,6 +213,8 @@ class BlockedCausalAttention(torch.autograd.Function):
         with torch.autocast("cpu", enabled=False):
             k32 = k.float()
             for start, end, mask in _blocks(length, group):
+                if segments is not None:
+                    mask = _segment_mask(segments, mask, start, end, kv_heads, group)
                 rows = _gather(q, start, end, torch.float32)
                 scores = torch.baddbmm(mask, rows, k32[:, :end].transpose(1, 2), alpha=scale)
                 p = torch.softmax(scores, dim=-1).to(query.dtype)
@@ -188,7 +226,7 @@ class BlockedCausalAttention(torch.autograd.Function):
         return result
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, None]:
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, None, None]:
         q, k, v, out, *probs = ctx.saved_tensors
         batch, kv_heads, group, length, dim = q.shape
         # rowsum(dO * O) = rowsum(dP * P): the softmax's backward without the scores
@@ -211,7 +249,19 @@ class BlockedCausalAttention(torch.autograd.Function):
                 grad_v[:, :end].baddbmm_(p.transpose(1, 2), grad_rows)
                 grad_k[:, :end].baddbmm_(grad_s.transpose(1, 2), rows)
         kv_shape = (batch, kv_heads, length, dim)
-        return grad_q.view(batch, -1, length, dim), grad_k.view(kv_shape), grad_v.view(kv_shape), None
+        return grad_q.view(batch, -1, length, dim), grad_k.view(kv_shape), grad_v.view(kv_shape), None, None
+
+
+def _segment_mask(
+    segments: torch.Tensor, causal: torch.Tensor, start: int, end: int, kv_heads: int, group: int
+) -> torch.Tensor:
+    """The additive mask of query rows [start, end) over keys [0, end) for packed rows: `causal` (G x rows, end),
+    plus -inf where key and query belong to different examples; (B x KV, G x rows, end), `_gather`'s layout."""
+    batch = segments.shape[0]
+    other = segments[:, start:end, None] != segments[:, None, :end]  # (B, rows, end)
+    mask = causal.view(group, end - start, end).expand(batch, kv_heads, group, end - start, end)
+    mask = mask.masked_fill(other[:, None, None], float("-inf"))
+    return mask.reshape(batch * kv_heads, group * (end - start), end)
 
 
 def _gather(tensor: torch.Tensor, start: int, end: int, dtype: torch.dtype | None = None) -> torch.Tensor:

@@ -10,11 +10,11 @@ the size `petune.plan.counts` computes.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from petune.files import read_json
 from petune.train import UserError
 
 
@@ -116,10 +116,7 @@ def resolve_architecture(model: str) -> Architecture:
 
 def from_config_json(path: Path) -> Architecture:
     """The shape in a Hugging Face config.json (a Llama-style decoder: llama, mistral, qwen2, ...)."""
-    try:
-        config = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise UserError(f"{path} is not valid JSON: {error}") from None
+    config = read_json(path, "model config", "pass the config.json of a Hugging Face model")
     if not isinstance(config, dict):
         raise UserError(f"{path} must hold a JSON object")
     config = config.get("text_config", config)  # multimodal configs nest the language model's

@@ -5,13 +5,19 @@
             for --method full: config.json, model.safetensors, the whole model (a transformers folder)
         trainer_state.pt    trainable tensors, optimizer state, step, data position (plain tensors and dicts)
         rng-rank<R>.pt      each process's random number generator states
+        checksums.json      SHA-256 of each file above, so a file damaged later is noticed on resume
 
 A checkpoint is written into a temporary folder and renamed into place (a rename is atomic), so a
 `step-*` folder is always complete. Old checkpoints are renamed away before they are deleted.
+
+Resume takes the newest checkpoint whose files are intact. Newer damaged ones (a disk that filled up, a
+copy cut short) are reported and renamed to `damaged-step-*`, kept for the user, out of the way of the
+next save and of pruning; an intact checkpoint is never deleted except by pruning after a newer save.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -21,19 +27,29 @@ from typing import Any
 import torch
 from torch import nn
 
+from petune import files
+from petune.files import FileError
 from petune.train import UserError
 
 STATE_NAME = "trainer_state.pt"
+CHECKSUMS_NAME = "checksums.json"
 PREFIX = "step-"
+DAMAGED_PREFIX = "damaged-"
 
 
 def checkpoint_dir(run_dir: Path) -> Path:
     return run_dir / "checkpoints"
 
 
+def saved(run_dir: Path) -> list[Path]:
+    """A run's checkpoint folders, oldest first."""
+    found = [p for p in checkpoint_dir(run_dir).glob(f"{PREFIX}*") if p.name.removeprefix(PREFIX).isdigit()]
+    return sorted(found, key=lambda p: int(p.name.removeprefix(PREFIX)))
+
+
 def latest(run_dir: Path) -> Path | None:
     """The newest complete checkpoint of a run, or None."""
-    found = sorted(checkpoint_dir(run_dir).glob(f"{PREFIX}*"), key=lambda p: int(p.name.removeprefix(PREFIX)))
+    found = saved(run_dir)
     return found[-1] if found else None
 
 
@@ -80,6 +96,7 @@ def save(
         torch.save(state, tmp / STATE_NAME)
     barrier()
     if rank == 0:
+        _write_checksums(tmp)
         _fsync_dir(tmp)
         os.rename(tmp, final)
         _fsync_dir(final.parent)
@@ -88,28 +105,90 @@ def save(
     return final
 
 
-def load(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, rank: int) -> dict[str, Any]:
-    """Restore the trainable tensors, optimizer and this process's RNG; return the saved state (step, ...)."""
-    state: dict[str, Any] = torch.load(path / STATE_NAME, weights_only=True)
-    params = dict(model.named_parameters())
-    saved = state.pop("trainable")
-    expected = {name for name, p in params.items() if p.requires_grad}
-    if set(saved) != expected:
-        raise UserError(f"checkpoint {path} does not match this model and method (different trainable tensors)")
-    with torch.no_grad():
-        for name, tensor in saved.items():
-            params[name].copy_(tensor)
-    optimizer.load_state_dict(state.pop("optimizer"))
+def restore(
+    run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer, rank: int, barrier: Any, say: Any
+) -> tuple[Path | None, dict[str, Any]]:
+    """Load the newest intact checkpoint into the model, optimizer and RNG: (its folder, its saved state).
+
+    Damaged newer checkpoints are skipped, reported with `say`, and renamed (process 0) to `damaged-step-*`
+    once every process has chosen. (None, {}) when there is no intact checkpoint.
+    """
+    damaged: list[Path] = []
+    chosen: tuple[Path | None, dict[str, Any]] = (None, {})
+    for path in reversed(saved(run_dir)):
+        try:
+            state, rng = read(path, rank)
+        except FileError as error:
+            damaged.append(path)
+            say(f"checkpoint {path.name} is damaged, skipping it: {error}")
+            continue
+        apply(path, state, rng, model, optimizer)
+        chosen = (path, state)
+        break
+    barrier()
+    if rank == 0:
+        for path in damaged:
+            aside = _unused(path.with_name(f"{DAMAGED_PREFIX}{path.name}"))
+            os.rename(path, aside)
+            say(f"moved the damaged checkpoint to {aside} (nothing deleted)")
+    barrier()
+    return chosen
+
+
+def read(path: Path, rank: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(trainer state, this process's RNG state) of a checkpoint; a FileError when a file is damaged."""
+    fix = "petune resumes from an older checkpoint when there is one"
+    checksums = path / CHECKSUMS_NAME
+    if checksums.is_file():  # checkpoints written before petune wrote checksums have none
+        expected = files.read_json(checksums, "checkpoint checksum list", fix)
+        for name, digest in expected.items():
+            if files.sha256(files.require_file(path / name, "checkpoint file", fix)) != digest:
+                raise files.FileError(
+                    "checkpoint file", path / name, "differs from the checksum saved with it (damaged)", fix
+                )
+    state = files.load_torch(path / STATE_NAME, "trainer state", fix)
     rng_file = path / f"rng-rank{rank}.pt"
     if not rng_file.is_file():
         raise UserError(f"checkpoint {path} has no random state for process {rank}; resume with the same --nproc")
-    set_rng_state(torch.load(rng_file, weights_only=True))
-    return state
+    rng = files.load_torch(rng_file, "random-generator state", fix)
+    if not isinstance(state, dict) or not {"step", "trainable", "optimizer"} <= set(state):
+        raise files.FileError(
+            "trainer state", path / STATE_NAME, "lacks the step, trainable tensors or optimizer state", fix
+        )
+    return state, rng
+
+
+def apply(path: Path, state: dict[str, Any], rng: dict[str, Any], model: nn.Module, optimizer: Any) -> None:
+    """Copy a checkpoint's trainable tensors, optimizer state and RNG state into this process."""
+    params = dict(model.named_parameters())
+    saved_tensors = state.pop("trainable")
+    expected = {name for name, p in params.items() if p.requires_grad}
+    if set(saved_tensors) != expected:
+        raise UserError(f"checkpoint {path} does not match this model and method (different trainable tensors)")
+    with torch.no_grad():
+        for name, tensor in saved_tensors.items():
+            params[name].copy_(tensor)
+    optimizer.load_state_dict(state.pop("optimizer"))
+    set_rng_state(rng)
+
+
+def _unused(path: Path) -> Path:
+    """`path`, or `path-2`, `path-3`... whichever does not exist yet."""
+    candidate, number = path, 1
+    while candidate.exists():
+        number += 1
+        candidate = path.with_name(f"{path.name}-{number}")
+    return candidate
+
+
+def _write_checksums(folder: Path) -> None:
+    """`checksums.json`: the SHA-256 of every file of a checkpoint folder (adapter, state, RNG states)."""
+    digests = {child.name: files.sha256(child) for child in sorted(folder.iterdir()) if child.is_file()}
+    (folder / CHECKSUMS_NAME).write_text(json.dumps(digests, indent=1) + "\n")
 
 
 def _prune(run_dir: Path, keep: int) -> None:
-    found = sorted(checkpoint_dir(run_dir).glob(f"{PREFIX}*"), key=lambda p: int(p.name.removeprefix(PREFIX)))
-    for old in found[:-keep]:
+    for old in saved(run_dir)[:-keep]:
         doomed = old.with_name(f".old-{old.name}")
         os.rename(old, doomed)  # never leave a half-deleted step-* folder behind
         shutil.rmtree(doomed, ignore_errors=True)

@@ -12,6 +12,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from petune import PeftConfig, PeftModel
+from petune.config import read_config_dict
 from petune.embedded import load_model_and_tokenizer
 from petune.train import UserError
 from petune.train.config import read_yaml
@@ -46,7 +47,7 @@ def base_model_of(adapter: Path | None, model: str | None) -> str | None:
     run = _run_config(adapter)
     if "model" in run:
         return None if run["model"] is None else str(run["model"])
-    recorded = json.loads((adapter / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    recorded = read_config_dict(adapter).get("base_model_name_or_path")
     return recorded if recorded and Path(recorded).is_dir() else None
 
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from petune.files import one_line, read_text
 from petune.train import UserError
 
 METHOD_NAMES = (
@@ -203,7 +204,9 @@ class TrainConfig:
     max_grad_norm: float = option(1.0, "clip the gradient norm to this (0: no clipping)")
     max_length: int = option(512, "tokens per example; longer examples are cut at the end (and counted)")
     train_on_prompt: bool = option(False, "also train on prompt tokens (default: loss on completions only)")
-    packing: bool = option(False, "pack several examples into each max-length row")
+    packing: bool = option(
+        False, "pack several examples into each max-length row, each attending only to itself (not prompt methods)"
+    )
     gradient_checkpointing: bool = option(
         False, "recompute each layer's activations in backward: less memory, slower steps (BENCHMARKS.md)"
     )
@@ -252,6 +255,11 @@ class TrainConfig:
             raise UserError(f"--lr must be positive, got {self.lr}")
         self._check_report_to()
         self._check_dpo()
+        if self.packing and self.method in ("prompt", "ptuning", "prefix"):
+            raise UserError(
+                f"--packing works with full fine-tuning and the LoRA methods; --method {self.method} adds its "
+                f"virtual tokens once per row, not once per packed example: drop --packing"
+            )
         if self.resume and self.output is None:
             raise UserError("--resume needs --output, the run folder to continue")
 
@@ -376,12 +384,11 @@ def build_config(*layers: dict[str, Any]) -> TrainConfig:
 def read_yaml(path: str | Path) -> dict[str, Any]:
     """A YAML config file as a mapping, with clear errors for a missing or malformed file."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"config file {path} does not exist")
+    text = read_text(path, "config file", "pass a YAML file of option: value lines (see `petune train --help`)")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(text)
     except yaml.YAMLError as error:
-        raise UserError(f"{path} is not valid YAML: {error}") from None
+        raise UserError(f"{path} is not valid YAML: {one_line(str(error))}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -16,6 +16,7 @@ its own, so the model trains on exactly the tokens it will see when it generates
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import random
@@ -27,6 +28,7 @@ from typing import Any, TypeVar
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from petune.files import read_text
 from petune.train import UserError
 from petune.train.formats import TABLE_SUFFIXES, read_saved_dataset, read_table_file, sharegpt_messages
 
@@ -66,41 +68,43 @@ class Example:
 
     input_ids: list[int]
     labels: list[int]
+    position_ids: list[int] | None = None  # packed rows only: positions restarting at 0 for each example
 
 
 def read_rows(path: str | Path) -> list[tuple[str, dict[str, Any]]]:
     """(location, raw record) for each record of a data file or `datasets` folder (FILE_TYPES)."""
     path = Path(path)
-    if not path.exists():
-        raise UserError(f"data file {path} does not exist")
     suffix = path.suffix.lower()
     rows: list[tuple[str, Any]] = []
     if path.is_dir():
         rows = read_saved_dataset(path)
     elif suffix in TABLE_SUFFIXES:
         rows = read_table_file(path)
-    elif suffix == ".jsonl":
-        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-            if line.strip():
-                rows.append((f"{path}:{number}", _json(line, f"{path}:{number}")))
-    elif suffix == ".json":
-        data = _json(path.read_text(encoding="utf-8"), str(path))
-        if not isinstance(data, list):
-            raise UserError(f"{path}: expected a JSON list of records, got a {type(data).__name__}")
-        rows = [(f"{path}: record {number}", item) for number, item in enumerate(data, start=1)]
-    elif suffix == ".csv":
-        with path.open(newline="", encoding="utf-8") as handle:
-            reader = csv.DictReader(handle)
-            # a CSV row has every column: an empty cell is a field the record does not have
-            rows = [(f"{path}:{reader.line_num}", {k: v for k, v in row.items() if v}) for row in reader]
-    else:
+    elif path.is_file() and suffix not in (".jsonl", ".json", ".csv"):
         raise UserError(f"{path}: unsupported data file type {suffix or '(none)'!r}; use {FILE_TYPES}")
+    else:
+        rows = _text_rows(path, suffix, read_text(path, "data file", f"pass a UTF-8 file of records ({FILE_TYPES})"))
     for where, row in rows:
         if not isinstance(row, dict):
             raise UserError(f"{where}: a record must be an object with fields ({EXPECTED}), got {row!r:.80}")
     if not rows:
         raise UserError(f"{path} holds no records")
     return rows
+
+
+def _text_rows(path: Path, suffix: str, text: str) -> list[tuple[str, Any]]:
+    """(location, record) of a .jsonl, .json or .csv file's text."""
+    if suffix == ".jsonl":
+        lines = enumerate(text.splitlines(), start=1)
+        return [(f"{path}:{number}", _json(line, f"{path}:{number}")) for number, line in lines if line.strip()]
+    if suffix == ".json":
+        data = _json(text, str(path))
+        if not isinstance(data, list):
+            raise UserError(f"{path}: expected a JSON list of records, got a {type(data).__name__}")
+        return [(f"{path}: record {number}", item) for number, item in enumerate(data, start=1)]
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    # a CSV row has every column: an empty cell is a field the record does not have
+    return [(f"{path}:{reader.line_num}", {k: v for k, v in row.items() if v}) for row in reader]
 
 
 def _json(text: str, where: str) -> Any:
@@ -236,31 +240,46 @@ def tokenize(
 def pack(examples: Sequence[Example], max_length: int) -> list[Example]:
     """Concatenate consecutive examples into rows of at most `max_length` tokens (none is split).
 
-    Examples in one row can attend to the earlier ones in it (no block-diagonal mask), as in TRL's
-    packing; the labels still only cover each example's own completion.
+    Each example in a row keeps its own positions (0, 1, ... restarting per example) and its first label is
+    dropped, as nothing before it in its own example predicts it. From position ids that restart,
+    transformers builds attention that is causal within each example only (a block-diagonal mask for SDPA
+    and petune's CPU kernel, variable-length sequences for flash attention), so a packed row computes the
+    loss and gradients of its examples run one by one (tests/train/test_packing.py).
     """
     rows: list[Example] = []
     for example in examples:
-        if rows and len(rows[-1].input_ids) + len(example.input_ids) <= max_length:
-            rows[-1].input_ids += example.input_ids
-            rows[-1].labels += example.labels
+        labels = [IGNORE_INDEX, *example.labels[1:]]
+        positions = list(range(len(example.input_ids)))
+        row = rows[-1] if rows else None
+        if row is not None and row.position_ids is not None and len(row.input_ids) + len(positions) <= max_length:
+            row.input_ids += example.input_ids
+            row.labels += labels
+            row.position_ids += positions
         else:
-            rows.append(Example(list(example.input_ids), list(example.labels)))
+            rows.append(Example(list(example.input_ids), labels, positions))
     return rows
 
 
 def collate(examples: Sequence[Example], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded batch: input_ids, attention_mask and labels, each (B, T) with T the longest example."""
+    """Right-padded batch: input_ids, attention_mask and labels, each (B, T) with T the longest example; for
+    packed rows also position_ids, the padding continuing its row's last example (no label reads it)."""
     length = max(len(e.input_ids) for e in examples)
     input_ids = torch.full((len(examples), length), pad_token_id, dtype=torch.long)
     labels = torch.full((len(examples), length), IGNORE_INDEX, dtype=torch.long)
     attention_mask = torch.zeros((len(examples), length), dtype=torch.long)
+    position_ids = torch.arange(length).repeat(len(examples), 1)
     for row, example in enumerate(examples):
         size = len(example.input_ids)
         input_ids[row, :size] = torch.tensor(example.input_ids)
         labels[row, :size] = torch.tensor(example.labels)
         attention_mask[row, :size] = 1
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        if example.position_ids is not None:
+            last = example.position_ids[-1]
+            position_ids[row] = torch.tensor([*example.position_ids, *range(last + 1, last + 1 + length - size)])
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    if any(e.position_ids is not None for e in examples):
+        batch["position_ids"] = position_ids
+    return batch
 
 
 @dataclass

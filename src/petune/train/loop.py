@@ -101,9 +101,12 @@ def resume_or_score_base(run: Run) -> tuple[int, dict[str, Any]]:
     """(first step, results so far): the latest checkpoint's state, or the base model's accuracy."""
     cfg, main = run.cfg, run.accelerator.is_main_process
     start_step, results = 0, report.read_results(run.run_dir)
-    found = checkpoint.latest(run.run_dir) if cfg.resume else None
+    found: Path | None = None
+    state: dict[str, Any] = {}
+    if cfg.resume:
+        rank, barrier = run.accelerator.process_index, run.accelerator.wait_for_everyone
+        found, state = checkpoint.restore(run.run_dir, run.model, run.optimizer, rank, barrier, say=_say(main))
     if found is not None:
-        state = checkpoint.load(found, run.model, run.optimizer, run.accelerator.process_index)
         if state["global_batch"] != run.global_batch:
             raise UserError(f"{found} was made with a global batch of {state['global_batch']}, not {run.global_batch}")
         start_step = state["step"]
@@ -114,9 +117,16 @@ def resume_or_score_base(run: Run) -> tuple[int, dict[str, Any]]:
         print(f"base model, held-out exact match: {results['before']['exact_match']:.1%}")
     if main and cfg.resume:
         report.truncate_metrics(run.run_dir, start_step)  # rows a killed run logged after its checkpoint
-        print(f"resuming from {found} (step {start_step})" if found else "no checkpoint yet: starting from step 0")
+        print(
+            f"resuming from {found} (step {start_step})" if found else "no intact checkpoint yet: starting from step 0"
+        )
     run.accelerator.wait_for_everyone()
     return start_step, results
+
+
+def _say(main: bool) -> Any:
+    """`print` on the main process, nothing elsewhere."""
+    return print if main else lambda *_: None
 
 
 def train_steps(run: Run, start_step: int) -> None:

@@ -24,6 +24,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from petune import PeftModel
+from petune.files import read_json
 from petune.memory import running_allocator
 from petune.train import UserError
 from petune.train.config import TrainConfig
@@ -90,7 +91,9 @@ def truncate_metrics(run_dir: Path, step: int) -> None:
 
 def read_results(run_dir: Path) -> dict[str, Any]:
     path = run_dir / "eval.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
+    fix = f"delete {path} (it holds the before/after accuracies; the run writes it again at its end)"
+    results: dict[str, Any] = read_json(path, "results file", fix) if path.is_file() else {}
+    return results
 
 
 def write_results(run_dir: Path, results: dict[str, Any]) -> None:
