@@ -17,13 +17,14 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file
 
 from petune.train import UserError
+
+if TYPE_CHECKING:  # torch loads where a tensor is read: `petune` starts itself again before the work (memory.py)
+    import torch
 
 GGUF_MAGIC = b"GGUF"
 # A Hugging Face hub id: `name` or `owner/name` (huggingface_hub's own check is stricter).
@@ -114,6 +115,8 @@ def check_safetensors(path: str | Path, what: str, fix: str) -> None:
 
 def load_safetensors(path: str | Path, what: str, fix: str) -> dict[str, torch.Tensor]:
     """Every tensor of a safetensors file (on the CPU), or a FileError naming the file."""
+    from safetensors.torch import load_file
+
     path = require_file(path, what, fix)
     try:
         return load_file(path)
@@ -133,6 +136,8 @@ def _safetensors_problem(path: Path, error: Exception) -> str:
 
 def load_torch(path: str | Path, what: str, fix: str) -> Any:
     """A file written by `torch.save`, read with `weights_only=True` (plain tensors and containers)."""
+    import torch
+
     path = require_file(path, what, fix)
     if path.stat().st_size == 0:
         raise FileError(what, path, "is empty (0 bytes)", fix)
