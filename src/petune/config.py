@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import json
+import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -85,6 +86,10 @@ class PeftConfig:
             # The new head is random: it has to be trained and saved, as HF PEFT does.
             extra = [name for name in CLASSIFIER_MODULE_NAMES if name not in (self.modules_to_save or [])]
             self.modules_to_save = [*(self.modules_to_save or []), *extra]
+        if "transformers.trainer" in sys.modules:  # this config may go to a TRL trainer's `peft_config=`
+            from petune.integrations.trainer import recognise_if_trainer_imported
+
+            recognise_if_trainer_imported()
 
     @property
     def is_prompt_learning(self) -> bool:

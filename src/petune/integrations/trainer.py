@@ -16,12 +16,15 @@ What those trainers read from a PEFT model, found in their source (transformers 
   `.default.` in adapter names, `active_adapter`, `set_adapter` and `disable_adapter()` (TRL's reference model:
   a frozen copy of the adapter, or the adapter switched off).
 
+- TRL's `peft_config=`: `isinstance(peft_config, peft.PeftConfig)`, then peft's `get_peft_model(model, config)`.
+
 petune's `PeftModel` has all of the second list. The first needs a patch, since `isinstance` against peft's class
 is the only test: `recognise_petune_models()` extends exactly those predicates (and the class `Trainer._save`
 saves through `save_pretrained`) to also accept a petune `PeftModel`, and adds a callback that stops a trainer,
-with a petune error, from training a petune model that cannot train. Every other model is judged as before.
-`PeftModel` applies it when it is created if transformers' trainer is imported by then (a script importing `Trainer`
-or TRL at the top), and `PETUNE_TRAINER_PATCH=0` turns that off; a script may also call it itself.
+with a petune error, from training a petune model that cannot train. Every other model is judged as before. The
+third likewise: in TRL's trainer modules a petune config passes the check and goes to petune's `get_peft_model`.
+`PeftModel` and every petune config apply it when created if transformers' trainer is imported by then (a script
+importing `Trainer` or TRL at the top), and `PETUNE_TRAINER_PATCH=0` turns that off; a script may also call it.
 """
 
 from __future__ import annotations
@@ -74,7 +77,9 @@ def recognise_petune_models() -> None:
       petune `PeftModel`;
     - `transformers.trainer.PeftModel` / `is_peft_available`, which `Trainer._save` reads to decide whether the
       model saves itself with `save_pretrained` (the adapter) or has its whole state dict written;
-    - `transformers.trainer.DEFAULT_CALLBACKS`: `PetuneTrainingCheck`, which raises `check_can_train`'s error.
+    - `transformers.trainer.DEFAULT_CALLBACKS`: `PetuneTrainingCheck`, which raises `check_can_train`'s error;
+    - in TRL's trainer modules, `PeftConfig` and `get_peft_model`, so `peft_config=` takes a petune config
+      (`_take_petune_configs`).
     A TRL module imported later takes accelerate's patched predicate itself. Idempotent.
     """
     importlib.import_module("transformers.trainer")
@@ -84,9 +89,48 @@ def recognise_petune_models() -> None:
         _patch(module_name, attribute, unwrap_parallel=True)
     accelerate_original = getattr(sys.modules["accelerate.utils"].is_peft_model, ORIGINAL)
     for module_name, module in list(sys.modules.items()):
-        if module_name.startswith("trl.") and getattr(module, "is_peft_model", None) is accelerate_original:
+        if not module_name.startswith("trl."):
+            continue
+        if getattr(module, "is_peft_model", None) is accelerate_original:
             _patch(module_name, "is_peft_model", unwrap_parallel=True)
+        _take_petune_configs(module)
     _let_trainer_save_adapters(sys.modules["transformers.trainer"])
+
+
+def _take_petune_configs(trl_module: Any) -> None:
+    """Let a TRL trainer's `peft_config=` be a petune config: the trainer then wraps the model with petune.
+
+    Each TRL trainer that takes `peft_config=` (SFT, DPO, GRPO, KTO, RLOO, reward, ...) imported peft's `PeftConfig`
+    and `get_peft_model` by name, checks `isinstance(peft_config, PeftConfig)` and then calls
+    `get_peft_model(model, peft_config, **kwargs)`; its module uses `PeftConfig` for nothing else. Such a module's
+    `PeftConfig` becomes the pair (peft's, petune's) and its `get_peft_model` hands a petune config to petune's.
+    Without peft installed TRL refuses `peft_config=` before reading it: wrap the model with petune instead.
+    """
+    peft = sys.modules.get("peft")
+    if peft is None:
+        return
+    names = ("PeftConfig", "get_peft_model")
+    if any(getattr(trl_module, name, None) is not getattr(peft, name) for name in names):
+        return
+    from petune.config import PeftConfig
+
+    trl_module.PeftConfig = (peft.PeftConfig, PeftConfig)
+    trl_module.get_peft_model = _petune_for_petune_configs(peft.get_peft_model)
+
+
+def _petune_for_petune_configs(original: Callable[..., Any]) -> Callable[..., Any]:
+    """`original` (peft's `get_peft_model`), with a petune config given to petune's `get_peft_model` instead."""
+    from petune.config import PeftConfig
+    from petune.peft_model import get_peft_model as petune_get_peft_model
+
+    @functools.wraps(original)
+    def get_peft_model(model: Any, peft_config: Any, *args: Any, **kwargs: Any) -> Any:
+        if isinstance(peft_config, PeftConfig):
+            return petune_get_peft_model(model, peft_config, *args, **kwargs)
+        return original(model, peft_config, *args, **kwargs)
+
+    setattr(get_peft_model, ORIGINAL, original)
+    return get_peft_model
 
 
 def _patch(module_name: str, attribute: str, unwrap_parallel: bool) -> None:
