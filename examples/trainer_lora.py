@@ -2,13 +2,11 @@
 
     python examples/trainer_lora.py [--model FOLDER] [--output DIR] [--max-steps N]
 
-The model defaults to the embedded SmolLM2-135M-Instruct; the data is petune's demo chat records.
+The model defaults to the embedded SmolLM2-135M-Instruct; the data is petune's demo chat records
+(examples/_common.py: the command line and the data, shared by the three examples).
 """
 
-import argparse
-from importlib.resources import files
-
-from datasets import load_dataset
+from _common import command_line, demo_records
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -18,26 +16,15 @@ from transformers import (
 )
 
 from petune import LoraConfig, get_peft_model  # was: from peft import LoraConfig, get_peft_model
-from petune.embedded import embedded_model_dir
 
-parser = argparse.ArgumentParser()
-parser.add_argument("--model", default=None)
-parser.add_argument("--output", default="trainer-lora")
-parser.add_argument("--max-steps", type=int, default=20)
-args = parser.parse_args()
-model_dir = args.model or embedded_model_dir()
+args = command_line(default_output="trainer-lora")
+tokenizer = AutoTokenizer.from_pretrained(args.model)
+lora = LoraConfig(task_type="CAUSAL_LM", r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"])
+model = get_peft_model(AutoModelForCausalLM.from_pretrained(args.model), lora)
 
-tokenizer = AutoTokenizer.from_pretrained(model_dir)
-model = AutoModelForCausalLM.from_pretrained(model_dir)
-model = get_peft_model(
-    model, LoraConfig(task_type="CAUSAL_LM", r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"])
-)
-
-data = load_dataset("json", data_files=str(files("petune") / "data" / "demo_train.jsonl"), split="train")
-data = data.map(
+data = demo_records().map(
     lambda row: tokenizer.apply_chat_template(row["messages"], return_dict=True), remove_columns=["messages"]
 )
-
 trainer = Trainer(
     model=model,
     args=TrainingArguments(args.output, max_steps=args.max_steps, per_device_train_batch_size=4, learning_rate=2e-4),

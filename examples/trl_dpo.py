@@ -4,31 +4,19 @@
 
 As with peft, TRL keeps a frozen copy of the adapter ("ref") as the reference instead of a second model.
 The preference pairs: the demo data's answer (chosen) against the same date a century off (rejected).
+examples/_common.py holds the command line and the data, shared by the three examples.
 """
 
-import argparse
-from importlib.resources import files
-
-import torch
-from datasets import load_dataset
+from _common import command_line, demo_records, device_settings
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import DPOConfig, DPOTrainer
 
 from petune import LoraConfig, get_peft_model  # was: from peft import LoraConfig, get_peft_model
-from petune.embedded import embedded_model_dir
 
-parser = argparse.ArgumentParser()
-parser.add_argument("--model", default=None)
-parser.add_argument("--output", default="trl-dpo")
-parser.add_argument("--max-steps", type=int, default=20)
-args = parser.parse_args()
-model_dir = args.model or embedded_model_dir()
-
-tokenizer = AutoTokenizer.from_pretrained(model_dir)
-model = AutoModelForCausalLM.from_pretrained(model_dir)
-model = get_peft_model(
-    model, LoraConfig(task_type="CAUSAL_LM", r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"])
-)
+args = command_line(default_output="trl-dpo")
+tokenizer = AutoTokenizer.from_pretrained(args.model)
+lora = LoraConfig(task_type="CAUSAL_LM", r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"])
+model = get_peft_model(AutoModelForCausalLM.from_pretrained(args.model), lora)
 
 
 def preference(row):
@@ -37,16 +25,9 @@ def preference(row):
     return {"prompt": [question], "chosen": [answer], "rejected": [{"role": "assistant", "content": wrong}]}
 
 
-data = load_dataset("json", data_files=str(files("petune") / "data" / "demo_train.jsonl"), split="train")
-data = data.map(preference, remove_columns=["messages"])
-on_cpu = not torch.cuda.is_available()
+data = demo_records().map(preference, remove_columns=["messages"])
 config = DPOConfig(
-    args.output,
-    max_steps=args.max_steps,
-    per_device_train_batch_size=4,
-    max_length=128,
-    use_cpu=on_cpu,
-    bf16=not on_cpu,  # TRL's default; a CPU multiplies bf16 matrices slowly
+    args.output, max_steps=args.max_steps, per_device_train_batch_size=4, max_length=128, **device_settings()
 )
 trainer = DPOTrainer(model=model, args=config, train_dataset=data, processing_class=tokenizer)
 trainer.train()

@@ -20,6 +20,7 @@ def test_example_trains_and_saves_the_adapter(
     output = tmp_path / "out"
     argv = [script, "--model", str(tiny_model_dir), "--output", str(output), "--max-steps", "2"]
     monkeypatch.setattr(sys, "argv", argv)
+    monkeypatch.syspath_prepend(str(EXAMPLES))  # as `python examples/x.py` does: the examples import _common.py
     monkeypatch.chdir(tmp_path)
     runpy.run_path(str(EXAMPLES / script), run_name="__main__")
     assert (output / "adapter_config.json").is_file()
@@ -29,7 +30,7 @@ def test_example_trains_and_saves_the_adapter(
 
 
 HIDE_PEFT = """
-import runpy, sys
+import os, runpy, sys
 
 class HidePeft:  # every import finder, blind to the peft package
     def __init__(self, inner):
@@ -41,6 +42,7 @@ class HidePeft:  # every import finder, blind to the peft package
 
 sys.meta_path[:] = [HidePeft(finder) for finder in sys.meta_path]
 sys.argv = sys.argv[1:]
+sys.path.insert(0, os.path.dirname(sys.argv[0]))
 runpy.run_path(sys.argv[0], run_name="__main__")
 assert "peft" not in sys.modules
 """
