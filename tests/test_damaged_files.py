@@ -55,6 +55,14 @@ def assert_one_line_naming(code: int, stderr: str, path: Path) -> None:
     assert str(path) in lines[0] and lines[0].startswith("petune "), lines[0]
 
 
+def assert_refused(argv: list[str], path: Path, message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """`petune argv` exits 2 with one line that names `path` and says `message`."""
+    code = main(argv)
+    error = capsys.readouterr().err
+    assert_one_line_naming(code, error, path)
+    assert message in error, error
+
+
 @pytest.fixture(scope="module")
 def trained_adapter(
     tiny_model_dir: Path, tiny_data: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory
@@ -91,8 +99,7 @@ def test_damaged_model_folder(
 ) -> None:
     folder = copy_of(tiny_model_dir, tmp_path)
     DAMAGES[damage](folder / name)
-    code = main([*tiny_args(folder, tiny_data, tmp_path / "run")])
-    assert_one_line_naming(code, capsys.readouterr().err, folder / name)
+    assert_refused(tiny_args(folder, tiny_data, tmp_path / "run"), folder / name, "", capsys)
     assert not (tmp_path / "run" / "adapter").exists()
 
 
@@ -108,8 +115,8 @@ def test_damaged_adapter_folder(
     folder = copy_of(trained_adapter, tmp_path)
     DAMAGES[damage](folder / name)
     before = sorted(p.name for p in folder.iterdir())
-    code = main(["generate", "--model", str(tiny_model_dir), "--adapter", str(folder), "--max-new-tokens", "2", "hi"])
-    assert_one_line_naming(code, capsys.readouterr().err, folder / name)
+    argv = ["generate", "--model", str(tiny_model_dir), "--adapter", str(folder), "--max-new-tokens", "2", "hi"]
+    assert_refused(argv, folder / name, "", capsys)
     assert sorted(p.name for p in folder.iterdir()) == before
 
 
@@ -153,10 +160,7 @@ def test_bad_data_and_config_files(
         (["--config", str(tmp_path)], tmp_path, "is a folder"),
     ]
     for change, path, message in cases:
-        code = main([*tiny_args(tiny_model_dir, tiny_data, tmp_path / "run"), *change])
-        error = capsys.readouterr().err
-        assert_one_line_naming(code, error, path)
-        assert message in error
+        assert_refused([*tiny_args(tiny_model_dir, tiny_data, tmp_path / "run"), *change], path, message, capsys)
 
 
 def test_missing_model_folder_and_damaged_gguf(
@@ -184,7 +188,4 @@ def test_missing_model_folder_and_damaged_gguf(
         (tiny_data[0], "model", "is a file, not a model folder"),
     ]
     for model, what, message in cases:
-        code = main([*tiny_args(model, tiny_data, tmp_path / "run")])
-        error = capsys.readouterr().err
-        assert_one_line_naming(code, error, model)
-        assert f"{what} {model} {message}" in error
+        assert_refused(tiny_args(model, tiny_data, tmp_path / "run"), model, f"{what} {model} {message}", capsys)
