@@ -6,6 +6,7 @@ TRL checks `isinstance(peft_config, peft.PeftConfig)` and calls peft's `get_peft
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -22,6 +23,7 @@ from petune import LoraConfig, PeftModel
 from tests.integrations.test_trl import (
     adapter_tensors,
     assert_trained_and_saved,
+    losses,
     preference_rows,
     prompt_completion_rows,
     run_settings,
@@ -52,6 +54,8 @@ def test_trainer_wraps_the_model_with_petune(
     before = adapter_tensors(model)
     trainer.train()
     assert_trained_and_saved(model, before, tmp_path / "run" / "checkpoint-2")
+    if kind == "dpo":  # no "ref" adapter: the reference is the adapter switched off, equal to LoRA's zero start
+        assert "ref" not in model.peft_config and abs(losses(trainer)[0] - math.log(2)) < 1e-4
 
     trainer.save_model(tmp_path / "adapter")
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
