@@ -43,6 +43,7 @@ def test_chunked_loss_matches_model_loss_and_gradients(build, chunk_size):
     reference = get_peft_model(build(), LoraConfig(r=4, init_lora_weights=False))
     ours = get_peft_model(build(), LoraConfig(r=4, init_lora_weights=False))
 
+    reference.return_logits = True  # the model's own `labels=` loss over the full logits
     expected = reference(**batch).loss
     expected.backward()
     got = causal_lm_loss(ours, batch, chunk_size=chunk_size)
@@ -79,6 +80,7 @@ def test_a_trained_head_takes_the_recomputing_path_with_the_same_result():
     config = LoraConfig(r=4, init_lora_weights=False, modules_to_save=["lm_head"])
     reference = get_peft_model(_llama(), config)
     ours = get_peft_model(_llama(), config)
+    reference.return_logits = True  # the model's own `labels=` loss over the full logits
     expected = reference(**batch).loss
     expected.backward()
     got = causal_lm_loss(ours, batch, chunk_size=5)
@@ -120,6 +122,7 @@ def test_a_frozen_head_with_a_bias_matches_the_plain_loss_over_a_partial_last_ch
         return get_peft_model(model.to(dtype), LoraConfig(r=4, init_lora_weights=False))
 
     reference, ours = build(), build()
+    reference.return_logits = True  # the model's own `labels=` loss over the full logits
     expected = reference(**batch).loss
     expected.backward()
     got = causal_lm_loss(ours, batch, chunk_size=chunk_size)
