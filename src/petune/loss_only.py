@@ -77,7 +77,8 @@ def computes_loss_only(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str
         return False
     if any(getattr(config, name, None) not in (None, 1, 1.0) for name in _LOGIT_TRANSFORMS):
         return False
-    task_type = getattr(model.active_peft_config, "task_type", None)
+    config_of_adapter = model.peft_config.get(model.active_adapter)  # type: ignore[union-attr,operator]
+    task_type = getattr(config_of_adapter, "task_type", None)
     causal = task_type == "CAUSAL_LM" or (task_type is None and type(base).__name__.endswith("ForCausalLM"))
     return causal and _has_decoder_and_head(base)
 
