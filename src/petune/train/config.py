@@ -74,7 +74,10 @@ class PromptOptions:
     """Prompt tuning (Lester et al. 2021); names as in `PromptTuningConfig`."""
 
     num_virtual_tokens: int = option(20, "number of trained virtual tokens prepended to the input")
-    prompt_tuning_init_text: str | None = option(None, "initialise the virtual tokens from this text")
+    prompt_tuning_init: str = option(
+        "RANDOM", "start of the virtual tokens: RANDOM, SAMPLE_VOCAB (embeddings of random words) or TEXT"
+    )
+    prompt_tuning_init_text: str | None = option(None, "initialise the virtual tokens from this text (sets TEXT)")
 
 
 @dataclass
