@@ -46,9 +46,19 @@ DEFAULT_CASES = [
 
 
 def measure(
-    impl: str, method: str, dtype: str, checkpointing: bool, steps: int, allocator: str, device: str, shape: str | None
+    impl: str,
+    method: str,
+    dtype: str,
+    checkpointing: bool,
+    steps: int,
+    allocator: str,
+    device: str,
+    shape: str | None,
+    loop: str = "petune",
 ) -> dict[str, Any]:
+    """`benchmarks/step.py` in a fresh process on `allocator`: its JSON result, or {"error": its last line}."""
     command = [sys.executable, str(HERE / "step.py"), "--impl", impl, "--method", method, "--dtype", dtype]
+    command += ["--loop", loop]
     command += ["--steps", str(steps), "--device", device] + (["--checkpointing"] if checkpointing else [])
     command += ["--shape", shape] if shape else []
     done = subprocess.run(command, capture_output=True, text=True, check=False, env=e2e_trl.environment(allocator))
@@ -197,16 +207,16 @@ def targets(
     ours: dict[str, Any], theirs: dict[str, Any], baseline: dict[str, Any] | None, memory: str, checkpointing: bool
 ) -> str:
     """Whether a row meets issue 5's step and memory targets, and by how much it misses one."""
-    step = _verdict("step", ours, theirs, "step_s", TARGET_STEP)
+    step = verdict("step", ours, theirs, "step_s", TARGET_STEP)
     if not checkpointing:
-        return f"{step}; {_verdict('memory', ours, theirs, memory, TARGET_MEMORY)}"
+        return f"{step}; {verdict('memory', ours, theirs, memory, TARGET_MEMORY)}"
     if baseline is None:
         return f"{step}; memory: no peft row without checkpointing to compare with"
-    without = _verdict("memory", ours, baseline, memory, TARGET_MEMORY_CHECKPOINTING)
+    without = verdict("memory", ours, baseline, memory, TARGET_MEMORY_CHECKPOINTING)
     return f"{step}; {without} of peft without checkpointing"
 
 
-def _verdict(name: str, ours: dict[str, Any], theirs: dict[str, Any], key: str, target: float) -> str:
+def verdict(name: str, ours: dict[str, Any], theirs: dict[str, Any], key: str, target: float) -> str:
     if key not in ours or key not in theirs:
         return f"{name}: not measured"
     value = ours[key] / theirs[key]

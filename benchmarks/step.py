@@ -7,6 +7,7 @@ measurement.
     python benchmarks/step.py --impl petune --method lora --dtype fp32
     python benchmarks/step.py --impl peft --method qlora --dtype bf16 --device cuda --shape llama-2-7b
     PETUNE_KERNELS=0 python benchmarks/step.py --impl petune --method lora --compile   # torch.compile, per layer
+    python benchmarks/step.py --impl petune --method prefix --dtype bf16 --loop library   # model(**batch).loss
 """
 
 from __future__ import annotations
@@ -112,9 +113,12 @@ def wrapped(impl: str, method: str, model: Any) -> Any:
     return lib.get_peft_model(model, make_config(lib, method)).train()
 
 
-def training_step(impl: str, model: Any, batch_size: int = 4, seq_len: int = 256) -> Callable[[], torch.Tensor]:
+def training_step(
+    impl: str, model: Any, batch_size: int = 4, seq_len: int = 256, loop: str = "petune"
+) -> Callable[[], torch.Tensor]:
     """One forward + backward + AdamW step of the wrapped `model` on a fixed random batch (labels = inputs),
-    returning the loss: petune's `causal_lm_loss` for petune, the model's own `labels=` loss for peft."""
+    returning the loss: petune's `causal_lm_loss` for petune, the model's own `labels=` loss for peft; with
+    `loop="library"`, `model(**batch).loss` on both sides, as a user's own loop writes it."""
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     torch.manual_seed(0)
     vocab = model.get_input_embeddings().weight.shape[0]
@@ -122,7 +126,7 @@ def training_step(impl: str, model: Any, batch_size: int = 4, seq_len: int = 256
     batch = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": input_ids}
 
     def step() -> torch.Tensor:
-        if impl == "petune":
+        if impl == "petune" and loop == "petune":
             from petune.loss import causal_lm_loss
 
             loss = causal_lm_loss(model, batch)
@@ -146,6 +150,12 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--steps", type=int, default=4, help="measured steps, after one warm-up step")
     parser.add_argument(
+        "--loop",
+        choices=["petune", "library"],
+        default="petune",
+        help="petune's loss as `petune train` calls it, or `model(**batch, labels=...).loss` on both sides",
+    )
+    parser.add_argument(
         "--compile", action="store_true", help="torch.compile each decoder layer (with PETUNE_KERNELS=0: whole layers)"
     )
     parser.add_argument("--shape", help="random weights in this `petune plan` model's shape, not the embedded model")
@@ -160,7 +170,7 @@ def main() -> None:
     if args.compile:  # one compiled graph shared by the identical layers; the first step pays for compiling
         for layer in model.get_base_model().model.layers:
             layer.compile()
-    step = training_step(args.impl, model, args.batch_size, args.seq_len)
+    step = training_step(args.impl, model, args.batch_size, args.seq_len, args.loop)
 
     gpu = torch.device(args.device).type == "cuda"
     times = []
@@ -175,6 +185,7 @@ def main() -> None:
         "method": args.method,
         "dtype": args.dtype,
         "checkpointing": args.checkpointing,
+        "loop": args.loop,
         "device": args.device,
         "model": args.shape or "embedded SmolLM2-135M-Instruct",
         "step_s": statistics.median(times[1:]),

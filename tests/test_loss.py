@@ -5,8 +5,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from petune import LoraConfig, get_peft_model
-from petune.loss import causal_lm_loss
+from petune import LoraConfig, get_peft_model, loss
+from petune.loss import _slow_16bit_matmul, causal_lm_loss
 
 
 def _llama() -> LlamaForCausalLM:
@@ -43,6 +43,7 @@ def test_chunked_loss_matches_model_loss_and_gradients(build, chunk_size):
     reference = get_peft_model(build(), LoraConfig(r=4, init_lora_weights=False))
     ours = get_peft_model(build(), LoraConfig(r=4, init_lora_weights=False))
 
+    reference.return_logits = True  # the model's own `labels=` loss over the full logits
     expected = reference(**batch).loss
     expected.backward()
     got = causal_lm_loss(ours, batch, chunk_size=chunk_size)
@@ -79,6 +80,7 @@ def test_a_trained_head_takes_the_recomputing_path_with_the_same_result():
     config = LoraConfig(r=4, init_lora_weights=False, modules_to_save=["lm_head"])
     reference = get_peft_model(_llama(), config)
     ours = get_peft_model(_llama(), config)
+    reference.return_logits = True  # the model's own `labels=` loss over the full logits
     expected = reference(**batch).loss
     expected.backward()
     got = causal_lm_loss(ours, batch, chunk_size=5)
@@ -120,6 +122,7 @@ def test_a_frozen_head_with_a_bias_matches_the_plain_loss_over_a_partial_last_ch
         return get_peft_model(model.to(dtype), LoraConfig(r=4, init_lora_weights=False))
 
     reference, ours = build(), build()
+    reference.return_logits = True  # the model's own `labels=` loss over the full logits
     expected = reference(**batch).loss
     expected.backward()
     got = causal_lm_loss(ours, batch, chunk_size=chunk_size)
@@ -162,10 +165,28 @@ def test_every_chunk_reuses_one_logits_buffer(dtype, buffers):
     batch = _batch()
     assert int((batch["labels"][:, 1:] != -100).sum()) > 4 * 4  # five chunks of 4, the last one partial
     model = get_peft_model(_llama().to(dtype), LoraConfig(r=4))
+    if _slow_16bit_matmul(model.get_output_embeddings().weight):
+        buffers = 1  # this CPU computes a 16-bit head's loss in fp32 (no oneDNN 16-bit kernels)
     mode = _ChunkLogits(rows=4, vocab=97)
     with mode:
         causal_lm_loss(model, batch, chunk_size=4)
     assert len({t.untyped_storage().data_ptr() for t in mode.kept}) == buffers
+
+
+def test_a_16bit_head_on_a_cpu_without_fast_16bit_matmuls_computes_in_fp32(monkeypatch: pytest.MonkeyPatch):
+    """The fp32 copy gives the loss and gradients of the 16-bit path (to bf16 rounding), wherever it is taken."""
+    batch = _batch()
+    results = []
+    for slow in (False, True):
+        monkeypatch.setattr(loss, "_slow_16bit_matmul", lambda weight, slow=slow: slow)
+        model = get_peft_model(_llama().to(torch.bfloat16), LoraConfig(r=4, init_lora_weights=False))
+        value = causal_lm_loss(model, batch)
+        value.backward()
+        results.append((value, [p.grad for p in model.parameters() if p.requires_grad]))
+    (fast, fast_grads), (slow, slow_grads) = results
+    torch.testing.assert_close(slow.float(), fast.float(), rtol=2e-2, atol=2e-2)
+    for got, expected in zip(slow_grads, fast_grads, strict=True):
+        torch.testing.assert_close(got.float(), expected.float(), rtol=2e-2, atol=2e-2)
 
 
 def _seen_masks(model, batch):

@@ -26,6 +26,7 @@ from petune.layers import (
     batch_adapters,
     replace_module,
 )
+from petune.loss_only import computes_loss_only, loss_only_forward
 from petune.methods import method_class
 from petune.methods.base import Method, base_generate
 from petune.quantization import keep_4bit_layers_trainable
@@ -39,7 +40,12 @@ class PeftModel(nn.Module):
     unless the environment sets `PETUNE_KERNELS=0`; `petune.kernels.disable(model)` turns them off, and
     `unload()` / `merge_and_unload()` return the base model without them (`get_base_model()` returns the live
     base model, kernels in place; its outputs are stock transformers' bit for bit).
+
+    `return_logits`: False (the default) lets a training-mode forward with `labels=` compute its loss without
+    the full logits and return none (`petune.loss_only`); True always returns them, as the base model does.
     """
+
+    return_logits = False
 
     def __init__(self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default") -> None:
         super().__init__()
@@ -219,8 +225,15 @@ class PeftModel(nn.Module):
         return self.adapter_modules[adapter_name] if adapter_name in self.adapter_modules else None  # noqa: SIM401
 
     def forward(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
-        """The base model's forward through the active adapter (or, per row, `adapter_names`)."""
+        """The base model's forward through the active adapter (or, per row, `adapter_names`).
+
+        In training mode with token `labels=` (a causal LM), the loss is computed without the full logits and
+        the output has none (`petune.loss_only`); `model.return_logits = True` or `model.eval()` gives them.
+        """
         assert self._method is not None
+        if computes_loss_only(self, args, kwargs):
+            names = {} if adapter_names is None else {"adapter_names": adapter_names}
+            return loss_only_forward(self, args, {**kwargs, **names})
         with self._routing(adapter_names):
             if self._disabled or self.active_adapter is None:
                 return self.base_model(*args, **kwargs)

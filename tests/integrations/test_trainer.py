@@ -24,7 +24,9 @@ from petune import (
     PromptEncoderConfig,
     PromptTuningConfig,
     get_peft_model,
+    peft_model,
 )
+from petune.loss_only import loss_only_forward
 from tests.conftest import VOCAB_SIZE, build_batch, build_tiny_model, model_output
 
 CONFIGS: dict[str, PeftConfig] = {
@@ -122,6 +124,29 @@ def test_gradient_checkpointing_argument_trains_the_same_adapter(method: str, tm
     assert any(not torch.equal(plain[key], tiny) for key, tiny in adapter_tensors(tiny_petune(method)).items())
     for key in plain:
         torch.testing.assert_close(checkpointed[key], plain[key], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["lora", "prefix_tuning"])
+def test_the_loss_without_logits_trains_what_the_full_logits_train(
+    method: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Trainer passes `labels` and `num_items_in_batch` in training mode: petune's loss without the full logits
+    (`petune.loss_only`) logs the same losses and trains the same adapter as with `return_logits = True`."""
+    calls = []
+    monkeypatch.setattr(peft_model, "loss_only_forward", lambda *a: calls.append(a) or loss_only_forward(*a))
+    runs = []
+    for return_logits in (False, True):
+        model = tiny_petune(method)
+        model.return_logits = return_logits
+        args = arguments(tmp_path / str(return_logits), max_steps=2, save_strategy="no", gradient_accumulation_steps=2)
+        trainer = Trainer(model=model, args=args, train_dataset=token_dataset())
+        trainer.train()
+        runs.append(([e["loss"] for e in trainer.state.log_history if "loss" in e], adapter_tensors(model)))
+    (lean_losses, lean), (full_losses, full) = runs
+    assert len(lean_losses) == 2 and len(calls) == 4  # 2 steps of 2 micro-batches, all without logits
+    torch.testing.assert_close(torch.tensor(lean_losses), torch.tensor(full_losses), rtol=1e-5, atol=1e-6)
+    for key in full:
+        torch.testing.assert_close(lean[key], full[key], rtol=0, atol=1e-6)
 
 
 def test_a_frozen_adapter_is_refused_with_a_petune_error(tmp_path: Path) -> None:

@@ -87,14 +87,18 @@ def test_sft_lora_reports_the_losses_peft_does(
         AutoModelForCausalLM.from_pretrained(tiny_model_dir), tmp_path / "initial", is_trainable=True
     )
     before = adapter_tensors(petune_model)
-    runs = []
+    runs, accuracies = [], []
     for name, model in (("peft", peft_model), ("petune", petune_model)):
         args = SFTConfig(**run_settings(tmp_path / name, completion_only_loss=True))
         trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer)
         trainer.train()
         runs.append(losses(trainer))
+        accuracies.append([e["mean_token_accuracy"] for e in trainer.state.log_history if "loss" in e])
     assert len(runs[1]) == 3
     torch.testing.assert_close(torch.tensor(runs[1]), torch.tensor(runs[0]), rtol=0, atol=2e-3)
+    # TRL's token accuracy, read from its fused LM head's outputs in training mode (petune's training forward
+    # without logits leaves those calls to TRL)
+    torch.testing.assert_close(torch.tensor(accuracies[1]), torch.tensor(accuracies[0]), rtol=0, atol=1e-6)
     assert_trained_and_saved(petune_model, before, tmp_path / "petune" / "checkpoint-3")
 
 

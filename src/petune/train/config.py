@@ -74,7 +74,12 @@ class PromptOptions:
     """Prompt tuning (Lester et al. 2021); names as in `PromptTuningConfig`."""
 
     num_virtual_tokens: int = option(20, "number of trained virtual tokens prepended to the input")
-    prompt_tuning_init_text: str | None = option(None, "initialise the virtual tokens from this text")
+    # SAMPLE_VOCAB, not HF PEFT's RANDOM (N(0, 1), far larger than SmolLM2's word embeddings): on the demo data at
+    # `petune compare`'s budget, held-out exact match 13.3% -> 56.7% (BENCHMARKS.md, issue 20).
+    prompt_tuning_init: str = option(
+        "SAMPLE_VOCAB", "start of the virtual tokens: SAMPLE_VOCAB (embeddings of random words), RANDOM or TEXT"
+    )
+    prompt_tuning_init_text: str | None = option(None, "initialise the virtual tokens from this text (sets TEXT)")
 
 
 @dataclass

@@ -52,6 +52,8 @@ def _prompt(cfg: TrainConfig, model_path: str) -> PeftConfig:
     options: dict[str, Any] = dataclasses.asdict(cfg.prompt)
     if options["prompt_tuning_init_text"]:
         options.update(prompt_tuning_init="TEXT", tokenizer_name_or_path=model_path)
+    elif str(options["prompt_tuning_init"]).upper() == "TEXT":
+        raise UserError("--prompt.prompt-tuning-init TEXT needs --prompt.prompt-tuning-init-text (the text)")
     else:
         del options["prompt_tuning_init_text"]
     return _prompt_config("PromptTuningConfig", "prompt")(task_type=TaskType.CAUSAL_LM, **options)
