@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from petune.config import PeftConfig, PeftType, TaskType
     from petune.hotswap import hotswap_adapter
     from petune.layers import BASE_ADAPTER
+    from petune.methods.adalora import AdaLoraConfig
     from petune.methods.boft import BOFTConfig
     from petune.methods.fourierft import FourierFTConfig
     from petune.methods.hra import HRAConfig
@@ -42,6 +43,7 @@ __version__ = "0.1.0"
 
 
 _SOURCES = {
+    "AdaLoraConfig": "petune.methods.adalora",
     "BASE_ADAPTER": "petune.layers",
     "BOFTConfig": "petune.methods.boft",
     "FourierFTConfig": "petune.methods.fourierft",
@@ -74,6 +76,7 @@ _SOURCES = {
 
 __all__ = [
     "BASE_ADAPTER",
+    "AdaLoraConfig",
     "BOFTConfig",
     "FourierFTConfig",
     "HRAConfig",

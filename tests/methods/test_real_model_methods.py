@@ -1,6 +1,6 @@
-"""IA3, LN tuning, LoHa, LoKr, VeRA, HRA, FourierFT, OFT and BOFT on the embedded SmolLM2-135M-Instruct (fp32, CPU):
-petune's adapter loads into the real `peft` with the same logits, on the model the demo trains. A few seconds
-per method."""
+"""IA3, LN tuning, LoHa, LoKr, VeRA, HRA, FourierFT, OFT, BOFT and AdaLoRA on the embedded SmolLM2-135M-Instruct
+(fp32, CPU): petune's adapter loads into the real `peft` with the same logits, on the model the demo trains (and
+peft's into petune, for the last three). A few seconds per method."""
 
 from __future__ import annotations
 
@@ -28,9 +28,10 @@ METHODS: dict[str, dict[str, Any]] = {
     "FourierFTConfig": {"n_frequency": 200, "scaling": 50.0, "init_weights": True},
     "OFTConfig": {"oft_block_size": 16},
     "BOFTConfig": {"boft_block_size": 8},
+    "AdaLoraConfig": {"init_r": 4, "target_r": 2, "total_step": 10},
 }
 # Also checked the other way (peft's folder into petune) for the methods added last.
-FROM_PEFT = ("OFTConfig", "BOFTConfig")
+FROM_PEFT = ("OFTConfig", "BOFTConfig", "AdaLoraConfig")
 
 
 @pytest.fixture(scope="module")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from petune.config import PeftType
+from petune.methods.adalora import AdaLora
 from petune.methods.base import Method
 from petune.methods.boft import BOFT
 from petune.methods.fourierft import FourierFT
@@ -32,6 +33,7 @@ METHODS: dict[str, type[Method]] = {
     PeftType.FOURIERFT.value: FourierFT,
     PeftType.OFT.value: OFT,
     PeftType.BOFT.value: BOFT,
+    PeftType.ADALORA.value: AdaLora,
 }
 
 

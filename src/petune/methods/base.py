@@ -39,6 +39,10 @@ class Method:
         """Tensors to save beyond the adapter layers' parameters, under HF PEFT's keys."""
         return {}
 
+    def to_file(self, name: str, config: PeftConfig, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The adapter layers' tensors as written to the file (AdaLoRA leaves out pruned ranks); as they are."""
+        return tensors
+
     def load_state_dict(
         self, name: str, config: PeftConfig, module: nn.Module | None, state_dict: dict[str, torch.Tensor]
     ) -> set[str]:
