@@ -159,6 +159,17 @@ class PeftModel(nn.Module):
         allocate(global_step)
 
     @property
+    def allocates_ranks(self) -> bool:
+        """Whether `update_and_allocate` should run after each optimizer step (a trainable AdaLoRA adapter)."""
+        return getattr(self._method, "allocator", None) is not None
+
+    def loss_penalty(self) -> torch.Tensor | None:
+        """The term the adapter's method adds to a training loss (AdaLoRA's orthogonality regulariser), or None;
+        the method adds it itself to a loss the model computes from `labels`."""
+        assert self._method is not None
+        return self._method.penalty()
+
+    @property
     def active_adapters(self) -> list[str]:
         return [self.active_adapter] if self.active_adapter else []
 

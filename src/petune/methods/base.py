@@ -71,6 +71,10 @@ class Method:
         """Generate with adapter `name` active."""
         return base_generate(self.model, kwargs)
 
+    def penalty(self) -> torch.Tensor | None:
+        """A term the training loss adds (AdaLoRA's orthogonality regulariser); None for most methods."""
+        return None
+
     def merge(self, names: list[str], safe_merge: bool) -> None:
         raise NotImplementedError(f"{type(self).__name__} adapters cannot be merged into the weights")
 

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from petune.factors import nearest_divisor
 from petune.methods.oft.config import OFTConfig
 from petune.methods.orthogonal import (
     block_diagonal,
@@ -111,17 +112,11 @@ class OFTLayer(WeightLayer):
 
 
 def adjusted(value: int, in_features: int, field: str, module_name: str) -> int:
-    """`value` if it divides `in_features`, else the nearest divisor (the smaller on a tie), with a warning."""
-    if in_features % value == 0:
-        return value
-    if value >= in_features:
-        nearest = in_features
-    else:
-        lower = next(d for d in range(value, 0, -1) if in_features % d == 0)
-        higher = next(d for d in range(value, in_features + 1) if in_features % d == 0)
-        nearest = lower if value - lower <= higher - value else higher
-    warnings.warn(
-        f"OFTConfig.{field}={value} does not divide {module_name}'s input size {in_features}; using {nearest}",
-        stacklevel=6,
-    )
+    """`value` if it divides `in_features`, else the nearest divisor, with a warning."""
+    nearest = nearest_divisor(in_features, value)
+    if nearest != value:
+        warnings.warn(
+            f"OFTConfig.{field}={value} does not divide {module_name}'s input size {in_features}; using {nearest}",
+            stacklevel=6,
+        )
     return nearest
