@@ -55,7 +55,9 @@ class AdaLora(LayerTuner):
     def forward(
         self, name: str, config: PeftConfig, module: nn.Module | None, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> Any:
-        """The model's output; a loss it computed (labels given) gets the orthogonality regulariser added."""
+        """The model's output; a loss it computed (labels given) gets the orthogonality regulariser added (HF PEFT
+        adds it only under a task wrapper, a config with a `task_type`: its plain `PeftModel` skips the tuner's
+        forward)."""
         outputs = super().forward(name, config, module, args, kwargs)
         loss = getattr(outputs, "loss", None)
         penalty = self.penalty()

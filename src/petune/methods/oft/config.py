@@ -31,7 +31,8 @@ class OFTConfig(PeftConfig):
             and `oft_block_size`; a value that does not divide the layer's input size is moved to the nearest
             one that does (with a warning, as HF PEFT does).
         oft_block_size: the size b of each block (b (b - 1) / 2 trained numbers per block); 0 when `r` is set.
-        module_dropout: in training, this share of a layer's blocks act as I (multiplicative dropout, section 4).
+        module_dropout: in training, this share of a layer's blocks act as I (multiplicative dropout, section 4);
+            HF PEFT 0.21 keeps the field but does not apply it to linear layers.
         target_modules, exclude_modules, layers_to_transform, layers_pattern: as in `LoraConfig` (nn.Linear only).
         fan_in_fan_out: kept for HF PEFT's files; OFT adapts nn.Linear, whose weight is (out, in).
         bias: only "none" (training biases with OFT is not supported by petune).
