@@ -14,6 +14,7 @@ analysis written around them stays; each row says whether it meets issue 5's tar
     python benchmarks/run.py --no-e2e --repeats 3 --cases lora:fp32 prompt:bf16   # medians of 3 pairs of runs
     python benchmarks/run.py --e2e-only           # rewrite only the end-to-end section of BENCHMARKS.md
     python benchmarks/run.py --no-e2e --peft-allocator mimalloc --out /tmp/same-allocator.md
+    python benchmarks/run.py --no-e2e --cases oft:fp32 adalora:fp32 --section "## Issue 21's methods"
 """
 
 from __future__ import annotations
@@ -55,11 +56,13 @@ def measure(
     device: str,
     shape: str | None,
     loop: str = "petune",
+    batch: tuple[int, int] = (4, 256),
 ) -> dict[str, Any]:
     """`benchmarks/step.py` in a fresh process on `allocator`: its JSON result, or {"error": its last line}."""
     command = [sys.executable, str(HERE / "step.py"), "--impl", impl, "--method", method, "--dtype", dtype]
     command += ["--loop", loop]
     command += ["--steps", str(steps), "--device", device] + (["--checkpointing"] if checkpointing else [])
+    command += ["--batch-size", str(batch[0]), "--seq-len", str(batch[1])]
     command += ["--shape", shape] if shape else []
     done = subprocess.run(command, capture_output=True, text=True, check=False, env=e2e_trl.environment(allocator))
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
@@ -104,6 +107,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cases", nargs="+", default=DEFAULT_CASES, help="method:dtype[:ckpt] ...")
     parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=1, help="fresh-process runs per side and case, alternating")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda where available)")
     parser.add_argument("--shape", help="random weights in this `petune plan` model's shape (e.g. llama-2-7b)")
@@ -115,6 +120,7 @@ def main() -> None:
         help="peft's processes' allocator (petune's: mimalloc, as the `petune` command runs)",
     )
     parser.add_argument("--note", default="", help="said after each section's command (e.g. the machine's load)")
+    parser.add_argument("--section", default=SECTION, help="the heading of the step table's section in --out")
     end_to_end = parser.add_mutually_exclusive_group()
     end_to_end.add_argument("--no-e2e", action="store_true", help="the step table only")
     end_to_end.add_argument("--e2e-only", action="store_true", help="only the end-to-end section, kept in --out")
@@ -139,8 +145,11 @@ def step_table(args: argparse.Namespace, command: str, note: str) -> None:
         checkpointing = rest == ["ckpt"]
         pairs = []
         for _ in range(args.repeats):
-            theirs = measure("peft", method, dtype, checkpointing, args.steps, args.peft_allocator, device, args.shape)
-            ours = measure("petune", method, dtype, checkpointing, args.steps, "mimalloc", device, args.shape)
+            batch = (args.batch_size, args.seq_len)
+            theirs = measure(
+                "peft", method, dtype, checkpointing, args.steps, args.peft_allocator, device, args.shape, batch=batch
+            )
+            ours = measure("petune", method, dtype, checkpointing, args.steps, "mimalloc", device, args.shape, batch=batch)
             pairs.append((ours, theirs))
             print(case, ours, theirs, flush=True)
         keys = ("step_s", memory)
@@ -149,7 +158,7 @@ def step_table(args: argparse.Namespace, command: str, note: str) -> None:
         rows.append((method, dtype, checkpointing, ours, theirs, steps))
 
     lines = [
-        SECTION,
+        args.section,
         "",
         f"Measured {time.strftime('%Y-%m-%d')} on {platform.machine()}, {os.cpu_count()} CPU cores"
         f"{_gpu_name(device)}, Python {platform.python_version()}. "
@@ -158,7 +167,8 @@ def step_table(args: argparse.Namespace, command: str, note: str) -> None:
             if args.shape
             else "SmolLM2-135M-Instruct (the embedded model), "
         )
-        + f"batch 4 x 256 random tokens, labels = inputs, AdamW; {_how_measured(args.repeats, memory)} "
+        + f"batch {args.batch_size} x {args.seq_len} random tokens, labels = inputs, AdamW; "
+        f"{_how_measured(args.repeats, memory)} "
         "petune computes the loss with "
         "`petune.loss.causal_lm_loss` (no full logits); peft with the model's own `labels=` loss. "
         f"Host allocator: petune {allocators(rows, 3)} (what the `petune` command runs on), "
@@ -168,7 +178,7 @@ def step_table(args: argparse.Namespace, command: str, note: str) -> None:
         "",
     ]
     lines += [*table(rows, memory), "", TARGETS_NOTE]
-    write_section(args.out, SECTION, "\n".join(lines) + "\n")
+    write_section(args.out, args.section, "\n".join(lines) + "\n")
     print(f"wrote {args.out}")
 
 

@@ -25,7 +25,25 @@ import torch
 from petune.memory import running_allocator
 from petune.plan.measure import peak_mb as peak_rss_mb
 
-METHODS = ["lora", "lora_all", "dora", "prompt", "ptuning", "prefix", "qlora"]
+# Issue 21's methods, each on the attention q/v projections where it takes targets (IA3 and LN tuning: their
+# defaults), at the size `petune train` uses by default. BOFT with one butterfly factor: peft 0.21 uses one
+# without its CUDA extension whatever the config says.
+LAYER_METHODS: dict[str, tuple[str, dict[str, Any]]] = {
+    "ia3": ("IA3Config", {}),
+    "ln_tuning": ("LNTuningConfig", {}),
+    "loha": ("LoHaConfig", {"r": 8, "alpha": 16, "target_modules": ["q_proj", "v_proj"]}),
+    "lokr": ("LoKrConfig", {"r": 8, "alpha": 16, "target_modules": ["q_proj", "v_proj"]}),
+    "vera": ("VeraConfig", {"r": 256, "target_modules": ["q_proj", "v_proj"]}),
+    "hra": ("HRAConfig", {"r": 8, "target_modules": ["q_proj", "v_proj"]}),
+    "fourierft": ("FourierFTConfig", {"n_frequency": 1000, "scaling": 150.0, "target_modules": ["q_proj", "v_proj"]}),
+    "oft": ("OFTConfig", {"oft_block_size": 32, "target_modules": ["q_proj", "v_proj"]}),
+    "boft": ("BOFTConfig", {"boft_block_size": 8, "target_modules": ["q_proj", "v_proj"]}),
+    "adalora": (
+        "AdaLoraConfig",
+        {"init_r": 12, "target_r": 8, "total_step": 1000, "target_modules": ["q_proj", "v_proj"]},
+    ),
+}
+METHODS = ["lora", "lora_all", "dora", "prompt", "ptuning", "prefix", "qlora", *LAYER_METHODS]
 
 
 def make_config(lib: Any, method: str) -> Any:
@@ -45,6 +63,9 @@ def make_config(lib: Any, method: str) -> Any:
         return lib.PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=16, encoder_hidden_size=128)
     if method == "prefix":
         return lib.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=16)
+    if method in LAYER_METHODS:
+        class_name, kwargs = LAYER_METHODS[method]
+        return getattr(lib, class_name)(task_type="CAUSAL_LM", **kwargs)
     raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
 
 
@@ -118,22 +139,32 @@ def training_step(
 ) -> Callable[[], torch.Tensor]:
     """One forward + backward + AdamW step of the wrapped `model` on a fixed random batch (labels = inputs),
     returning the loss: petune's `causal_lm_loss` for petune, the model's own `labels=` loss for peft; with
-    `loop="library"`, `model(**batch).loss` on both sides, as a user's own loop writes it."""
+    `loop="library"`, `model(**batch).loss` on both sides, as a user's own loop writes it. AdaLoRA: its
+    orthogonality regulariser in the loss (peft's model adds it to its own loss) and `update_and_allocate` after
+    every optimizer step, on both sides."""
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     torch.manual_seed(0)
     vocab = model.get_input_embeddings().weight.shape[0]
     input_ids = torch.randint(0, vocab, (batch_size, seq_len)).to(model.get_input_embeddings().weight.device)
     batch = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": input_ids}
 
+    allocates = hasattr(model, "update_and_allocate") and getattr(model.peft_config["default"], "total_step", None)
+    steps_done = [0]
+
     def step() -> torch.Tensor:
         if impl == "petune" and loop == "petune":
             from petune.loss import causal_lm_loss
 
             loss = causal_lm_loss(model, batch)
+            penalty = model.loss_penalty()
+            loss = loss if penalty is None else loss + penalty
         else:
             loss = model(**batch).loss
         loss.backward()
         optimizer.step()
+        if allocates:
+            model.update_and_allocate(steps_done[0])
+            steps_done[0] += 1
         optimizer.zero_grad(set_to_none=True)
         return loss
 

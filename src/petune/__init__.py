@@ -15,6 +15,8 @@ if TYPE_CHECKING:
     from petune.config import PeftConfig, PeftType, TaskType
     from petune.hotswap import hotswap_adapter
     from petune.layers import BASE_ADAPTER
+    from petune.methods.adalora import AdaLoraConfig
+    from petune.methods.boft import BOFTConfig
     from petune.methods.fourierft import FourierFTConfig
     from petune.methods.hra import HRAConfig
     from petune.methods.ia3 import IA3Config
@@ -22,6 +24,7 @@ if TYPE_CHECKING:
     from petune.methods.loha import LoHaConfig
     from petune.methods.lokr import LoKrConfig
     from petune.methods.lora import LoraConfig, create_loraplus_optimizer
+    from petune.methods.oft import OFTConfig
     from petune.methods.p_tuning import PromptEncoderConfig, PromptEncoderReparameterizationType
     from petune.methods.prefix_tuning import PrefixTuningConfig
     from petune.methods.prompt_tuning import PromptTuningConfig, PromptTuningInit
@@ -40,7 +43,9 @@ __version__ = "0.1.0"
 
 
 _SOURCES = {
+    "AdaLoraConfig": "petune.methods.adalora",
     "BASE_ADAPTER": "petune.layers",
+    "BOFTConfig": "petune.methods.boft",
     "FourierFTConfig": "petune.methods.fourierft",
     "HRAConfig": "petune.methods.hra",
     "IA3Config": "petune.methods.ia3",
@@ -48,6 +53,7 @@ _SOURCES = {
     "LoHaConfig": "petune.methods.loha",
     "LoKrConfig": "petune.methods.lokr",
     "LoraConfig": "petune.methods.lora",
+    "OFTConfig": "petune.methods.oft",
     "PeftConfig": "petune.config",
     "PeftModel": "petune.peft_model",
     "PeftModelForCausalLM": "petune.peft_model",
@@ -70,6 +76,8 @@ _SOURCES = {
 
 __all__ = [
     "BASE_ADAPTER",
+    "AdaLoraConfig",
+    "BOFTConfig",
     "FourierFTConfig",
     "HRAConfig",
     "IA3Config",
@@ -77,6 +85,7 @@ __all__ = [
     "LoHaConfig",
     "LoKrConfig",
     "LoraConfig",
+    "OFTConfig",
     "PeftConfig",
     "PeftModel",
     "PeftModelForCausalLM",

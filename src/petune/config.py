@@ -45,6 +45,9 @@ class PeftType(str, enum.Enum):
     VERA = "VERA"
     HRA = "HRA"
     FOURIERFT = "FOURIERFT"
+    OFT = "OFT"
+    BOFT = "BOFT"
+    ADALORA = "ADALORA"
 
 
 # Classification heads HF PEFT trains and saves for SEQ_CLS without being asked.

@@ -156,6 +156,25 @@ class PeftModel(nn.Module):
 
         add_weighted_adapter(self, adapters, weights, adapter_name, *args, **kwargs)
 
+    def update_and_allocate(self, global_step: int) -> None:
+        """AdaLoRA: update the importance scores and the rank budget after optimizer step `global_step` (call it
+        after `optimizer.step()`, before `zero_grad()`), as HF PEFT's `update_and_allocate`."""
+        allocate = getattr(self._method, "update_and_allocate", None)
+        if allocate is None:
+            raise TypeError(f"update_and_allocate is AdaLoRA's; this model has {type(self._method).__name__} adapters")
+        allocate(global_step)
+
+    @property
+    def allocates_ranks(self) -> bool:
+        """Whether `update_and_allocate` should run after each optimizer step (a trainable AdaLoRA adapter)."""
+        return getattr(self._method, "allocator", None) is not None
+
+    def loss_penalty(self) -> torch.Tensor | None:
+        """The term the adapter's method adds to a training loss (AdaLoRA's orthogonality regulariser), or None;
+        the method adds it itself to a loss the model computes from `labels`."""
+        assert self._method is not None
+        return self._method.penalty()
+
     @property
     def active_adapters(self) -> list[str]:
         return [self.active_adapter] if self.active_adapter else []
@@ -320,6 +339,7 @@ class PeftModel(nn.Module):
         if state_dict is not None:
             own_name = {id(param): name for name, param in self.named_parameters(remove_duplicate=False)}
             tensors = {k: state_dict.get(own_name[id(p)], tensors[k]) for k, p in params.items()}
+        tensors = self._method.to_file(adapter_name, config, tensors)
         tensors.update(self._method.state_dict(adapter_name, config, module))
         return tensors
 

@@ -1,6 +1,6 @@
-"""IA3, LN tuning, LoHa, LoKr, VeRA, HRA and FourierFT on the embedded SmolLM2-135M-Instruct (fp32, CPU):
-petune's adapter loads into the real `peft` with the same logits, on the model the demo trains. A few seconds
-per method."""
+"""IA3, LN tuning, LoHa, LoKr, VeRA, HRA, FourierFT, OFT, BOFT and AdaLoRA on the embedded SmolLM2-135M-Instruct
+(fp32, CPU): petune's adapter loads into the real `peft` with the same logits, on the model the demo trains (and
+peft's into petune, for the last three). A few seconds per method."""
 
 from __future__ import annotations
 
@@ -26,7 +26,12 @@ METHODS: dict[str, dict[str, Any]] = {
     "VeraConfig": {"r": 64},
     "HRAConfig": {"r": 4},
     "FourierFTConfig": {"n_frequency": 200, "scaling": 50.0, "init_weights": True},
+    "OFTConfig": {"oft_block_size": 16},
+    "BOFTConfig": {"boft_block_size": 8},
+    "AdaLoraConfig": {"init_r": 4, "target_r": 2, "total_step": 10},
 }
+# Also checked the other way (peft's folder into petune) for the methods added last.
+FROM_PEFT = ("OFTConfig", "BOFTConfig", "AdaLoraConfig")
 
 
 @pytest.fixture(scope="module")
@@ -54,3 +59,15 @@ def test_petune_adapter_loads_in_peft(method: str, batch: dict[str, torch.Tensor
     wrapped.save_pretrained(tmp_path)
     reference = peft.PeftModel.from_pretrained(load_model_and_tokenizer()[0].eval(), tmp_path)
     torch.testing.assert_close(logits(reference, batch), expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", FROM_PEFT)
+def test_peft_adapter_loads_in_petune(method: str, batch: dict[str, torch.Tensor], tmp_path: Path) -> None:
+    theirs = peft.get_peft_model(
+        load_model_and_tokenizer()[0].eval(), getattr(peft, method)(task_type="CAUSAL_LM", **METHODS[method])
+    )
+    perturb(theirs, seed=1, scale=0.05)
+    expected = logits(theirs, batch)
+    theirs.save_pretrained(tmp_path)
+    ours = petune.PeftModel.from_pretrained(load_model_and_tokenizer()[0].eval(), tmp_path)
+    torch.testing.assert_close(logits(ours, batch), expected, rtol=0, atol=1e-5)

@@ -18,8 +18,10 @@ from petune.plan.architectures import from_config_json
 from petune.plan.counts import adapter_params, total_params
 from petune.plan.gpus import GIB, Device
 from petune.plan.memory import largest_fitting, layer_activation_bytes
-from petune.plan.setup import LINEAR_NAMES
+from petune.plan.setup import LAYER_METHODS, LINEAR_NAMES
 from petune.train import UserError
+from petune.train.config import build_config
+from petune.train.methods import peft_config
 from tests.conftest import build_tiny_model
 
 # Published totals: exact where known (hub safetensors metadata, GGUF metadata), else the papers' or model
@@ -136,6 +138,34 @@ ADAPTERS = {
         petune.PromptEncoderConfig(num_virtual_tokens=5, encoder_hidden_size=16),
     ),
     "prefix": (Setup(method="prefix", virtual_tokens=5), petune.PrefixTuningConfig(num_virtual_tokens=5)),
+}
+
+
+@pytest.mark.parametrize("method", LAYER_METHODS)
+def test_layer_method_count_equals_what_petune_train_trains(method: str, tmp_path: Path) -> None:
+    """With `petune train`'s defaults for the method (and a non-default option set where it changes the count)."""
+    model = build_tiny_model("llama")
+    shape = from_config_json(write_config(model.config, tmp_path))
+    # FourierFT's default 1000 coefficients are more than the tiny model's v_proj has weights
+    defaults: list[dict[str, object]] = [] if method == "fourierft" else [{}]
+    for options in [*defaults, LAYER_METHOD_OPTIONS[method]]:
+        cfg = build_config({"method": method}, {f"{method}.{k}": v for k, v in options.items()})
+        config = peft_config(cfg, "unused")
+        trainable, _ = petune.get_peft_model(build_tiny_model("llama"), config).get_nb_trainable_parameters()
+        assert adapter_params(shape, Setup(method=method, options=getattr(cfg, method))) == trainable, options
+
+
+LAYER_METHOD_OPTIONS: dict[str, dict[str, object]] = {
+    "ia3": {"target_modules": "all-linear", "feedforward_modules": "up_proj,gate_proj"},
+    "ln_tuning": {"target_modules": "input_layernorm"},
+    "loha": {"r": 3, "target_modules": "q_proj,down_proj"},
+    "lokr": {"r": 2, "decompose_both": True, "decompose_factor": 4, "target_modules": "all-linear"},
+    "vera": {"r": 16},
+    "hra": {"r": 4, "target_modules": "o_proj,up_proj"},
+    "fourierft": {"n_frequency": 100},
+    "oft": {"oft_block_size": 12, "block_share": True},
+    "boft": {"boft_block_size": 4, "boft_n_butterfly_factor": 3, "target_modules": "all-linear"},
+    "adalora": {"init_r": 5, "target_r": 3, "target_modules": "k_proj,gate_proj"},
 }
 
 

@@ -1,5 +1,5 @@
-"""`petune train --method ia3 | ln_tuning | loha | lokr | vera | hra | fourierft`: options as flags or YAML,
-a tiny run each.
+"""`petune train --method ia3 | ln_tuning | loha | lokr | vera | hra | fourierft | oft | boft | adalora`: options
+as flags or YAML, a tiny run each.
 
 Each run's saved adapter loads into the real `peft` and gives the outputs petune gives, and the trained model's
 outputs differ from the base model's.
@@ -7,12 +7,14 @@ outputs differ from the base model's.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import peft
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 import petune
@@ -29,6 +31,15 @@ NEW = {
     "vera": ("VeraConfig", {"vera.r": 16, "vera.d_initial": 0.2, "vera.projection_prng_key": 3}),
     "fourierft": ("FourierFTConfig", {"fourierft.n_frequency": 200, "fourierft.scaling": 50.0}),
     "hra": ("HRAConfig", {"hra.r": 4, "hra.apply_GS": "false", "hra.target_modules": "q_proj,o_proj"}),
+    "oft": (
+        "OFTConfig",
+        {"oft.oft_block_size": 8, "oft.use_cayley_neumann": "false", "oft.target_modules": "all-linear"},
+    ),
+    "boft": ("BOFTConfig", {"boft.boft_block_size": 4, "boft.boft_n_butterfly_factor": 1}),
+    "adalora": (
+        "AdaLoraConfig",
+        {"adalora.init_r": 4, "adalora.target_r": 2, "adalora.tinit": 1, "adalora.tfinal": 1},
+    ),
 }
 
 
@@ -80,3 +91,34 @@ def test_prompt_tuning_starts_from_sampled_words_unless_told_otherwise() -> None
     assert peft_config(chosen, "unused").prompt_tuning_init == "RANDOM"
     with pytest.raises(petune.train.UserError, match="prompt-tuning-init-text"):
         peft_config(build_config({"method": "prompt"}, {"prompt.prompt_tuning_init": "TEXT"}), "unused")
+
+def test_adalora_defaults_follow_max_steps() -> None:
+    config = peft_config(build_config({"method": "adalora", "max_steps": 50}), "unused")
+    assert (config.total_step, config.tinit, config.tfinal) == (50, 5, 10)
+
+
+def test_adalora_run_allocates_ranks_and_adds_its_regulariser(
+    tiny_model_dir: Path, tiny_data: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The saved adapter keeps target_r ranks per layer on average (rank_pattern in its config, only the kept
+    ranks in its file); every step's loss went backward with the regulariser."""
+    penalties: list[float] = []
+    real = petune.PeftModel.loss_penalty
+
+    def recorded(model: petune.PeftModel) -> torch.Tensor | None:
+        penalty = real(model)
+        penalties.append(float(penalty)) if penalty is not None else None
+        return penalty
+
+    monkeypatch.setattr(petune.PeftModel, "loss_penalty", recorded)
+    _, options = NEW["adalora"]
+    flags = [item for key, value in options.items() for item in (f"--{key}", str(value))]
+    args = tiny_args(tiny_model_dir, tiny_data, tmp_path / "run", "--method", "adalora", *flags, "--eval-samples", "0")
+    assert main(args) == 0
+    assert len(penalties) == 4 and all(p > 0 for p in penalties)
+    adapter = tmp_path / "run" / "adapter"
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    pattern = config["rank_pattern"]
+    assert len(pattern) == 4 and sum(sum(kept) for kept in pattern.values()) == 2 * 4  # 2 layers x q, v
+    saved = load_file(adapter / "adapter_model.safetensors")
+    assert sum(t.shape[0] for k, t in saved.items() if k.endswith("lora_A")) == 8

@@ -13,7 +13,6 @@ model for every method.
 from __future__ import annotations
 
 import json
-import math
 import os
 import signal
 import subprocess
@@ -28,9 +27,6 @@ import yaml
 from petune.train import UserError
 
 DEFAULT_METHODS = ("full", "lora", "dora", "prompt", "ptuning", "prefix")
-# The methods `petune plan` counts from the model's shape; the others are counted from their saved adapter.
-PLANNED_METHODS = ("full", "lora", "dora", "rslora", "qlora", "prompt", "ptuning", "prefix")
-FROZEN_SAVED_KEYS = ("base_model.vera_A", "base_model.vera_B")
 
 
 @dataclass
@@ -127,48 +123,36 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def _trainable_params(run_dir: Path) -> int | None:
-    """The run's trainable parameters, counted by `petune plan` from the model's shape and the run's options."""
+    """The run's trainable parameters, counted by `petune plan` from the model's shape and the run's options
+    (AdaLoRA's trained ranks, not the pruned ones its adapter file keeps)."""
     from petune.embedded import resolve_model_path
     from petune.plan.architectures import resolve_architecture
     from petune.plan.counts import adapter_params
-    from petune.plan.setup import Setup, parse_targets
+    from petune.plan.setup import LAYER_METHODS, Setup, parse_targets
+    from petune.train.config import TrainConfig
 
     path = run_dir / "config.yaml"
     if not path.is_file():
         return None
     cfg = yaml.safe_load(path.read_text())
     method = cfg["method"]
-    if method not in PLANNED_METHODS:
-        return _saved_trainable_params(run_dir)
-    options = cfg.get(method if method in ("prompt", "ptuning", "prefix") else "lora", {})
+    options = cfg.get(method if method in ("prompt", "ptuning", "prefix", *LAYER_METHODS) else "lora", {})
     targets = options.get("target_modules") or ["q_proj", "v_proj"]
     try:
         arch = resolve_architecture(resolve_model_path(cfg.get("model")))
         setup = Setup(
             method=method,
             lora_r=int(options.get("r", 8)),
-            lora_targets=parse_targets(",".join(targets)),
+            lora_targets=parse_targets(",".join(targets)) if method not in LAYER_METHODS else ("q_proj", "v_proj"),
             virtual_tokens=int(options.get("num_virtual_tokens", 20)),
             encoder_hidden_size=int(options.get("encoder_hidden_size", 128)),
+            options=type(getattr(TrainConfig(), method))(**options) if method in LAYER_METHODS else None,
         )
-    except (UserError, OSError):
+    except (UserError, OSError, TypeError):
         return None
     if method == "prefix" and options.get("prefix_projection"):
         return None  # the plan counts prefix tuning without its projection MLP
     return adapter_params(arch, setup)
-
-
-def _saved_trainable_params(run_dir: Path) -> int | None:
-    """Elements of the run's saved adapter, less what never trains (VeRA's frozen shared projection): for the
-    methods `petune plan` does not count, whose files hold exactly their trained tensors besides that."""
-    from safetensors import safe_open
-
-    path = run_dir / "adapter" / "adapter_model.safetensors"
-    if not path.is_file():
-        return None
-    with safe_open(str(path), framework="pt") as tensors:
-        names = [key for key in tensors.keys() if key not in FROZEN_SAVED_KEYS]  # noqa: SIM118 (not a dict)
-        return sum(math.prod(tensors.get_slice(key).get_shape()) for key in names)
 
 
 def rows_as_dicts(rows: list[Row]) -> list[dict[str, Any]]:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from petune.config import PeftType
+from petune.methods.adalora import AdaLora
 from petune.methods.base import Method
+from petune.methods.boft import BOFT
 from petune.methods.fourierft import FourierFT
 from petune.methods.hra import HRA
 from petune.methods.ia3 import IA3
@@ -11,6 +13,7 @@ from petune.methods.ln_tuning import LNTuning
 from petune.methods.loha import LoHa
 from petune.methods.lokr import LoKr
 from petune.methods.lora import Lora
+from petune.methods.oft import OFT
 from petune.methods.p_tuning import PTuning
 from petune.methods.prefix_tuning import PrefixTuning
 from petune.methods.prompt_tuning import PromptTuning
@@ -28,6 +31,9 @@ METHODS: dict[str, type[Method]] = {
     PeftType.VERA.value: Vera,
     PeftType.HRA.value: HRA,
     PeftType.FOURIERFT.value: FourierFT,
+    PeftType.OFT.value: OFT,
+    PeftType.BOFT.value: BOFT,
+    PeftType.ADALORA.value: AdaLora,
 }
 
 

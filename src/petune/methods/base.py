@@ -39,6 +39,10 @@ class Method:
         """Tensors to save beyond the adapter layers' parameters, under HF PEFT's keys."""
         return {}
 
+    def to_file(self, name: str, config: PeftConfig, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The adapter layers' tensors as written to the file (AdaLoRA leaves out pruned ranks); as they are."""
+        return tensors
+
     def load_state_dict(
         self, name: str, config: PeftConfig, module: nn.Module | None, state_dict: dict[str, torch.Tensor]
     ) -> set[str]:
@@ -66,6 +70,10 @@ class Method:
     def generate(self, name: str, config: PeftConfig, module: nn.Module | None, kwargs: dict[str, Any]) -> torch.Tensor:
         """Generate with adapter `name` active."""
         return base_generate(self.model, kwargs)
+
+    def penalty(self) -> torch.Tensor | None:
+        """A term the training loss adds (AdaLoRA's orthogonality regulariser); None for most methods."""
+        return None
 
     def merge(self, names: list[str], safe_merge: bool) -> None:
         raise NotImplementedError(f"{type(self).__name__} adapters cannot be merged into the weights")

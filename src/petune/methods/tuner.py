@@ -137,6 +137,18 @@ class LayerTuner(Method):
         return True
 
 
+class LinearTuner(LayerTuner):
+    """A `LayerTuner` for methods HF PEFT applies to `nn.Linear` only (HRA, OFT, BOFT), refusing GPT-2's `Conv1D`."""
+
+    supported_types = (nn.Linear,)
+    supported_type_names = "nn.Linear"
+
+    def new_layer(self, module_name: str, module: nn.Module, config: PeftConfig) -> AdapterLayer:
+        if hasattr(config, "fan_in_fan_out"):
+            conv1d_fan_in_fan_out(module_name, module, config)  # False for nn.Linear: corrects the config if set
+        return self.layer_class(module, False)  # type: ignore[call-arg]
+
+
 def conv1d_fan_in_fan_out(module_name: str, module: nn.Module, config: Any) -> bool:
     """Whether `module` stores its weight as (in, out): GPT-2's `Conv1D`; `config.fan_in_fan_out` is corrected
     (with a warning, as HF PEFT does) when it says otherwise."""

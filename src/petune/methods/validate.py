@@ -66,3 +66,31 @@ def check_patterns(config: Any, ranks: str = "rank_pattern", alphas: str = "alph
     for key, alpha in getattr(config, alphas).items():
         if isinstance(alpha, bool) or not isinstance(alpha, int | float):
             raise ValueError(f"{_field(config, alphas)}[{key!r}] must be a number, got {alpha!r}")
+
+
+def check_non_negative_int(config: Any, *names: str) -> None:
+    for name in names:
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"{_field(config, name)} must be an integer >= 0, got {value!r}")
+
+
+def check_exactly_one(config: Any, first: str, second: str) -> None:
+    """Two sizes of which exactly one is set (non-zero), the other derived from the layer (OFT, BOFT)."""
+    a, b = getattr(config, first), getattr(config, second)
+    if (a != 0) == (b != 0):
+        raise ValueError(
+            f"{type(config).__name__}: set exactly one of {first} and {second} (the other is 0 and derived from "
+            f"the layer's input size), got {first}={a}, {second}={b}"
+        )
+
+
+def check_no_bias(config: Any) -> None:
+    if config.bias != "none":
+        name = type(config).__name__
+        raise ValueError(f"{name}.bias must be 'none' in petune (it does not train biases), got {config.bias!r}")
+
+
+def check_layers_pattern(config: Any) -> None:
+    if config.layers_pattern and config.layers_to_transform is None:
+        raise ValueError(f"{_field(config, 'layers_pattern')} needs layers_to_transform (the block indices to adapt)")

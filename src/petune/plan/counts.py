@@ -6,8 +6,9 @@ petune attaches (`PeftModel.get_nb_trainable_parameters`); tests/plan/test_memor
 
 from __future__ import annotations
 
+from petune.plan.adapters import layer_method_params, module_params
 from petune.plan.architectures import Architecture
-from petune.plan.setup import LINEAR_NAMES, LORA_FAMILY, Setup
+from petune.plan.setup import LAYER_METHODS, LINEAR_NAMES, LORA_FAMILY, Setup
 
 
 def linear_shapes(arch: Architecture) -> dict[str, tuple[int, int]]:
@@ -54,6 +55,7 @@ def adapter_params(arch: Architecture, setup: Setup) -> int:
     LoRA (Hu et al. 2021): A (r x in) and B (out x r) per adapted linear: r (in + out); DoRA (Liu et al. 2024)
     adds a magnitude per output row. Prompt tuning: V x hidden; p-tuning: that table plus its 3-layer MLP
     (hidden -> e -> e -> hidden, with biases); prefix tuning (no projection): V x layers x 2 x kv width.
+    IA3 ... AdaLoRA: `petune.plan.adapters`.
     """
     method, virtual, h = setup.method, setup.virtual_tokens, arch.hidden_size
     if method == "full":
@@ -64,6 +66,8 @@ def adapter_params(arch: Architecture, setup: Setup) -> int:
         if method == "dora":
             per_layer += sum(shapes[t][1] for t in setup.adapted)
         return arch.num_layers * per_layer
+    if method in LAYER_METHODS:
+        return layer_method_params(arch, setup, linear_shapes(arch))
     if method == "prompt":
         return virtual * h
     if method == "ptuning":
@@ -78,6 +82,8 @@ def largest_trainable_tensor(arch: Architecture, setup: Setup) -> int:
         return max(arch.vocab_size * arch.hidden_size, *(i * o for i, o in linear_shapes(arch).values()))
     if setup.method in LORA_FAMILY:
         return max(setup.lora_r * max(linear_shapes(arch)[t]) for t in setup.adapted)
+    if setup.method in LAYER_METHODS:
+        return max(module_params(arch, setup, linear_shapes(arch)), default=0)  # a module's tensors, at most
     return adapter_params(arch, setup)  # prompt methods: about one table
 
 

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from petune.train import UserError
 
 # "full" is the reference the PEFT methods are measured against; the rest are `petune train --method` names.
-METHODS = ("full", "lora", "dora", "rslora", "qlora", "prompt", "ptuning", "prefix")
+LAYER_METHODS = ("ia3", "ln_tuning", "loha", "lokr", "vera", "hra", "fourierft", "oft", "boft", "adalora")
+METHODS = ("full", "lora", "dora", "rslora", "qlora", "prompt", "ptuning", "prefix", *LAYER_METHODS)
 LORA_FAMILY = ("lora", "dora", "rslora", "qlora")
 PROMPT_METHODS = ("prompt", "ptuning", "prefix")
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -37,6 +39,7 @@ class Setup:
     virtual_tokens: int = 20
     encoder_hidden_size: int = 128  # p-tuning's MLP
     loss_chunk: int = 256  # label positions whose logits petune's loss computes at once (petune.loss.CHUNK_SIZE)
+    options: Any = None  # LAYER_METHODS: the method's `petune train` option section; None: train's defaults
 
     def __post_init__(self) -> None:
         choices = {"method": METHODS, "precision": PRECISIONS, "optimizer_state": tuple(OPTIMIZER_STATES)}
@@ -59,6 +62,13 @@ class Setup:
     def adapted(self) -> tuple[str, ...]:
         """The linear layers that get an adapter (none outside the LoRA family)."""
         return self.lora_targets if self.method in LORA_FAMILY else ()
+
+    @property
+    def method_options(self) -> Any:
+        """The option section (`petune train`'s, e.g. `OftOptions`) a method of LAYER_METHODS is planned with."""
+        from petune.train.config import TrainConfig
+
+        return self.options if self.options is not None else getattr(TrainConfig(), self.method)
 
     @property
     def virtual_in_input(self) -> int:

@@ -35,6 +35,9 @@ METHOD_NAMES = (
     "vera",
     "hra",
     "fourierft",
+    "oft",
+    "boft",
+    "adalora",
 )
 SCHEDULES = ("linear", "cosine", "constant")
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -175,6 +178,47 @@ class FourierftOptions:
 
 
 @dataclass
+class OftOptions:
+    """OFT (Qiu et al. 2023); names as in `OFTConfig`."""
+
+    oft_block_size: int = option(32, "size of each orthogonal block (b (b - 1) / 2 trained numbers per block)")
+    use_cayley_neumann: bool = option(True, "approximate the Cayley transform by a Neumann series (faster)")
+    module_dropout: float = option(0.0, "in training, this share of a layer's blocks act as the identity")
+    coft: bool = option(False, "constrained OFT: keep each block within eps of the identity")
+    eps: float = option(6e-5, "COFT's radius")
+    block_share: bool = option(False, "all blocks of a layer share one trained matrix")
+    target_modules: list[str] | None = option(None, TARGETS_HELP)  # noqa: RUF009
+
+
+@dataclass
+class BoftOptions:
+    """BOFT (Liu et al. 2024); names as in `BOFTConfig`."""
+
+    boft_block_size: int = option(8, "size of each orthogonal block")
+    boft_n_butterfly_factor: int = option(2, "butterfly factors: each one mixes blocks twice as far apart")
+    boft_dropout: float = option(0.0, "in training, this share of one factor's blocks act as the identity")
+    target_modules: list[str] | None = option(None, TARGETS_HELP)  # noqa: RUF009
+
+
+@dataclass
+class AdaloraOptions:
+    """AdaLoRA (Zhang et al. 2023); names as in `AdaLoraConfig`. total_step is --max-steps; the ranks are
+    reallocated after every optimizer step and the orthogonality regulariser is part of the loss."""
+
+    init_r: int = option(12, "every layer's rank at the start")
+    target_r: int = option(8, "average rank per layer at the end")
+    lora_alpha: float = option(32.0, "the update is scaled by lora_alpha / init_r")
+    lora_dropout: float = option(0.0, "dropout on the input of the low-rank path")
+    tinit: int | None = option(None, "steps at the full budget before ranks are pruned; default: a tenth of max-steps")
+    tfinal: int | None = option(None, "steps at the final ranks, at the end; default: a fifth of max-steps")
+    deltaT: int = option(1, "reallocate every N steps while the budget shrinks")
+    beta1: float = option(0.85, "smoothing of the importance scores (moving average)")
+    beta2: float = option(0.85, "smoothing of their uncertainty")
+    orth_reg_weight: float = option(0.5, "weight of the orthogonality regulariser in the loss")
+    target_modules: list[str] | None = option(None, TARGETS_HELP)  # noqa: RUF009
+
+
+@dataclass
 class DpoOptions:
     """--objective dpo (Rafailov et al. 2023); the name as in TRL's `DPOConfig`."""
 
@@ -201,7 +245,8 @@ class TrainConfig:
     grad_accum: int = option(1, "micro-batches per optimizer step (global batch = batch-size x grad-accum x nproc)")
     lr: float | None = option(
         None,
-        "peak learning rate; default: 1e-4 full, 2e-3 LoRA/LoHa/LoKr, 1e-2 IA3/LN tuning/VeRA, 3e-2 prompt methods",
+        "peak learning rate; default: 1e-4 full, 2e-3 LoRA/LoHa/LoKr/HRA, 5e-3 OFT/BOFT, 1e-2 IA3/LN tuning/VeRA/"
+        "FourierFT/AdaLoRA, 3e-2 prompt methods",
     )
     schedule: str = option("cosine", f"learning-rate schedule after warmup: {' | '.join(SCHEDULES)}")
     warmup_steps: int = option(3, "steps of linear warmup from 0 to --lr")
@@ -240,6 +285,9 @@ class TrainConfig:
     vera: VeraOptions = field(default_factory=VeraOptions)
     hra: HraOptions = field(default_factory=HraOptions)
     fourierft: FourierftOptions = field(default_factory=FourierftOptions)
+    oft: OftOptions = field(default_factory=OftOptions)
+    boft: BoftOptions = field(default_factory=BoftOptions)
+    adalora: AdaloraOptions = field(default_factory=AdaloraOptions)
     dpo: DpoOptions = field(default_factory=DpoOptions)
 
     def __post_init__(self) -> None:

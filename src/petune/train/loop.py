@@ -29,7 +29,14 @@ from petune.train import UserError, checkpoint, report, trackers
 from petune.train.config import TrainConfig
 from petune.train.data import Dataset
 from petune.train.evaluate import accuracy
-from petune.train.methods import as_base_model, learning_rate, load_base, trainable_model
+from petune.train.methods import (
+    after_optimizer_step,
+    as_base_model,
+    learning_rate,
+    load_base,
+    loss_penalty,
+    trainable_model,
+)
 from petune.train.objective import Objective, load_data, objective_for
 
 
@@ -180,12 +187,15 @@ def optimizer_step(run: Run, trained: nn.Module, step: int) -> dict[str, float]:
             with torch.autocast(accelerator.device.type, dtype=torch.bfloat16, enabled=run.use_bf16):
                 loss_sum, extra = objective.loss_sum(trained, run.model, batch)
             # DDP averages gradients over processes; x world turns that average back into a sum.
-            (loss_sum * world / counts[0].clamp(min=1)).backward()
+            loss = loss_sum * world / counts[0].clamp(min=1)
+            penalty = loss_penalty(run.model) if last else None  # once per step; the same on every process
+            (loss if penalty is None else loss + penalty).backward()
         for name, value in {"loss": loss_sum, **extra}.items():
             sums[name] = sums.get(name, 0) + value.detach().double()
     params = [p for group in run.optimizer.param_groups for p in group["params"]]
     grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or math.inf)
     run.optimizer.step()
+    after_optimizer_step(run.model, step)
     run.optimizer.zero_grad(set_to_none=True)
     totals = torch.stack(list(sums.values()))
     totals = accelerator.reduce(totals, "sum") if world > 1 else totals

@@ -69,9 +69,10 @@ def _prefix(cfg: TrainConfig, model_path: str) -> PeftConfig:
     return _prompt_config("PrefixTuningConfig", "prefix")(task_type=TaskType.CAUSAL_LM, **options)
 
 
-def _section(cfg: TrainConfig, section: str, class_name: str) -> PeftConfig:
-    """The adapter config `class_name` built from option section `section` (a list ["all-linear"] made a string)."""
-    options = dataclasses.asdict(getattr(cfg, section))
+def _section(cfg: TrainConfig, section: str, class_name: str, **fixed: Any) -> PeftConfig:
+    """The adapter config `class_name` built from option section `section` (a list ["all-linear"] made a string)
+    and the `fixed` values the run decides."""
+    options = {**dataclasses.asdict(getattr(cfg, section)), **fixed}
     if options.get("target_modules") == ["all-linear"]:
         options["target_modules"] = "all-linear"
     return _prompt_config(class_name, cfg.method)(task_type=TaskType.CAUSAL_LM, **options)
@@ -105,6 +106,22 @@ def _fourierft(cfg: TrainConfig, model_path: str) -> PeftConfig:
     return _section(cfg, "fourierft", "FourierFTConfig")
 
 
+def _oft(cfg: TrainConfig, model_path: str) -> PeftConfig:
+    return _section(cfg, "oft", "OFTConfig")
+
+
+def _boft(cfg: TrainConfig, model_path: str) -> PeftConfig:
+    return _section(cfg, "boft", "BOFTConfig")
+
+
+def _adalora(cfg: TrainConfig, model_path: str) -> PeftConfig:
+    """AdaLoRA over the whole run: total_step is --max-steps; tinit and tfinal default to a tenth and a fifth."""
+    options = cfg.adalora
+    tinit = cfg.max_steps // 10 if options.tinit is None else options.tinit
+    tfinal = cfg.max_steps // 5 if options.tfinal is None else options.tfinal
+    return _section(cfg, "adalora", "AdaLoraConfig", total_step=cfg.max_steps, tinit=tinit, tfinal=tfinal)
+
+
 @dataclass(frozen=True)
 class Method:
     """A `--method`: its default peak learning rate, and the adapter config it builds from `(cfg, model
@@ -130,6 +147,9 @@ METHODS: dict[str, Method] = {
     "vera": Method(1e-2, _vera),
     "hra": Method(2e-3, _hra),
     "fourierft": Method(1e-2, _fourierft),
+    "oft": Method(5e-3, _oft),
+    "boft": Method(5e-3, _boft),
+    "adalora": Method(1e-2, _adalora),
 }
 
 
@@ -140,6 +160,19 @@ def peft_config(cfg: TrainConfig, model_path: str) -> PeftConfig | None:
         return None if make is None else make(cfg, model_path)
     except (TypeError, ValueError) as error:
         raise UserError(f"--method {cfg.method}: {error}") from None
+
+
+def loss_penalty(model: nn.Module) -> torch.Tensor | None:
+    """A term the method adds to the training loss once per optimizer step (AdaLoRA's orthogonality
+    regulariser), or None."""
+    return model.loss_penalty() if isinstance(model, PeftModel) else None
+
+
+def after_optimizer_step(model: nn.Module, step: int) -> None:
+    """What a method does after optimizer step `step` (0-based), gradients still in place: AdaLoRA reallocates
+    its ranks (HF PEFT's `update_and_allocate`)."""
+    if isinstance(model, PeftModel) and model.allocates_ranks:
+        model.update_and_allocate(step)
 
 
 def learning_rate(cfg: TrainConfig) -> float:

@@ -2,24 +2,17 @@
 
 from __future__ import annotations
 
-from torch import nn
-
 from petune.config import PeftConfig
 from petune.methods.hra.config import HRAConfig
 from petune.methods.hra.layer import HRALayer
-from petune.methods.tuner import LayerTuner
+from petune.methods.tuner import LinearTuner
 
 
-class HRA(LayerTuner):
+class HRA(LinearTuner):
     """HRA on `nn.Linear` layers (HF PEFT's HRA does not take GPT-2's `Conv1D` either)."""
 
     config_class = HRAConfig
     layer_class = HRALayer
-    supported_types = (nn.Linear,)
-    supported_type_names = "nn.Linear"
-
-    def new_layer(self, module_name: str, module: nn.Module, config: PeftConfig) -> HRALayer:
-        return HRALayer(module, fan_in_fan_out=False)
 
     def add_to_layer(self, layer: HRALayer, module_name: str, name: str, config: PeftConfig) -> None:
         assert isinstance(config, HRAConfig)

@@ -5,31 +5,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from petune.factors import factorization
 from petune.methods.lokr.config import LoKrConfig
 from petune.methods.lycoris import LycorisAdapter, kaiming_
 from petune.methods.weight_layer import DeltaLayer
-
-
-def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
-    """Split `dimension` into (m, n), m n = dimension, LyCORIS's rule (so files have the same shapes).
-
-    A `factor` that divides `dimension` gives (factor, dimension / factor). Otherwise m is the largest
-    divisor not above `factor` (-1: no limit) met while walking divisors up to the square root (the first
-    divisor past it counts, then the pair is sorted): 32 -> (4, 8), 64 -> (8, 8), 127 -> (1, 127).
-    """
-    if factor > 0 and dimension % factor == 0:
-        return factor, dimension // factor
-    limit = dimension if factor == -1 else factor
-    m = 1
-    for divisor in range(2, dimension + 1):
-        if dimension % divisor:
-            continue
-        if divisor > limit:
-            break
-        m = divisor
-        if divisor >= dimension // divisor:
-            break
-    return min(m, dimension // m), max(m, dimension // m)
 
 
 class LoKrAdapter(LycorisAdapter):
