@@ -5,11 +5,12 @@
 # The wheel is built once into ~/.cache/petune/wheels (or $PETUNE_WHEELS) and reused by every later venv.
 # GGML_NATIVE=OFF: a native build (-march=native) crashed on the CI VM's CPU; AVX512 off for the same reason.
 #
-# usage: scripts/llama_cpp_wheel.sh VENV_BIN CONSTRAINTS   (make llama-cpp calls it)
+# usage: scripts/llama_cpp_wheel.sh VENV_BIN [CONSTRAINTS]   (make llama-cpp calls it)
+# The version is constraints.txt's; CONSTRAINTS (empty for `make test-latest`) also pins its dependencies.
 set -euo pipefail
 bin=${1:-.venv/bin}
-constraints=${2:-constraints.txt}
-version=$(sed -n 's/^llama_cpp_python==//p' "$constraints")
+constraints=${2:-}
+version=$(sed -n 's/^llama_cpp_python==//p' "$(dirname "$0")/../constraints.txt")
 wheels=${PETUNE_WHEELS:-$HOME/.cache/petune/wheels}
 find_wheel() { ls "$wheels"/llama_cpp_python-"$version"-*.whl 2>/dev/null | head -1; }
 
@@ -24,4 +25,4 @@ if [ -z "$(find_wheel)" ]; then
         -w "$wheels" "llama-cpp-python==$version"
     echo "built $(find_wheel) in $(( $(date +%s) - start )) s" >&2
 fi
-"$bin/pip" install -q "$(find_wheel)" -c "$constraints"
+"$bin/pip" install -q "$(find_wheel)" ${constraints:+-c "$constraints"}

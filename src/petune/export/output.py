@@ -46,15 +46,15 @@ def atomic_output(path: Path, overwrite: bool, folder: bool = False) -> Iterator
 
 
 def _move_into_place(temporary: Path, path: Path) -> None:
-    if not path.is_dir() or not any(path.iterdir()):
-        with contextlib.suppress(OSError):
-            path.rmdir() if path.is_dir() else None
-        os.replace(temporary, path)
+    if path.is_dir() and not any(path.iterdir()):
+        path.rmdir()
+    if not path.exists() or not (path.is_dir() or temporary.is_dir()):
+        os.replace(temporary, path)  # a file onto a file (or onto nothing): one atomic step
         return
     old = path.parent / f".{path.name}.old-{os.getpid()}"
     os.replace(path, old)
     os.replace(temporary, path)
-    shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(old) if old.is_dir() else old.unlink()
 
 
 def write_text(path: Path, text: str, overwrite: bool) -> None:

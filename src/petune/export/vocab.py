@@ -106,7 +106,7 @@ def pre_tokenizer_name(pre_tokenizer: dict[str, Any] | None) -> str:
     steps = (pre_tokenizer or {}).get("pretokenizers", [pre_tokenizer]) if pre_tokenizer else []
     kinds = [step.get("type") for step in steps]
     if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
-        return "gpt2"  # GPT-2's own regex; also what transformers rebuilds SmolLM2's tokenizer with
+        return "gpt-2"  # GPT-2's own regex; also what transformers rebuilds SmolLM2's tokenizer with
     if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and steps[1].get("use_regex", True):
         return "smollm"  # digits one by one, then GPT-2's regex
     if kinds == ["Split", "ByteLevel"] and not steps[1].get("use_regex", True):
