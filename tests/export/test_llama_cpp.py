@@ -16,13 +16,15 @@ from typing import Any
 
 import pytest
 import torch
-from transformers import PreTrainedTokenizerBase
+from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers
+from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from petune import LoraConfig
 from petune.cli import main
 from petune.embedded import embedded_model_dir
 from petune.train.commands import merged_model
 from tests.export.conftest import save_adapter
+from tests.train.tiny import save_tiny_model
 
 pytestmark = pytest.mark.real_model
 
@@ -146,3 +148,33 @@ def test_q8_0_in_llama_cpp_agrees_with_transformers_on_most_tokens(
         total += len(answer)
     print(f"q8_0 teacher-forced agreement: {same}/{total}")
     assert same / total >= AGREEMENT
+
+
+def llama_style_tokenizer() -> PreTrainedTokenizerFast:
+    """A tiny sentencepiece-style BPE (Llama 1/2, Mistral): `▁` for spaces, bytes for what has no piece."""
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"<0x{b:02X}>": 3 + b for b in range(256)}}
+    for piece in ["▁", "a", "b", "c", "d", "▁a", "ab", "▁ab", "cd", "▁cd"]:
+        vocab.setdefault(piece, len(vocab))
+    merges = [("▁", "a"), ("a", "b"), ("▁a", "b"), ("c", "d"), ("▁", "cd")]
+    spec = Tokenizer(models.BPE(vocab=vocab, merges=merges, byte_fallback=True, unk_token="<unk>", fuse_unk=True))
+    spec.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    spec.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    spec.add_special_tokens([AddedToken(t, special=True) for t in ("<unk>", "<s>", "</s>")])
+    return PreTrainedTokenizerFast(tokenizer_object=spec, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def test_a_sentencepiece_style_vocabulary_tokenises_in_llama_cpp_as_in_transformers(
+    llama_cpp: ModuleType, tmp_path: Path
+) -> None:
+    tokenizer = llama_style_tokenizer()
+    model_dir = save_tiny_model(tmp_path / "llama", tokenizer, "llama", tie_word_embeddings=True)
+    out = tmp_path / "m.gguf"
+    assert (
+        main(["export", "--model", str(model_dir), "--format", "gguf", "--outtype", "f32", "--output", str(out)]) == 0
+    )
+    llm = llama_cpp.Llama(model_path=str(out), vocab_only=True, verbose=False)
+    for text in ["ab cd", "abcd ab xyz", "é ab\n cd"]:
+        expected = tokenizer(text, add_special_tokens=False)["input_ids"]
+        assert llm.tokenize(text.encode(), add_bos=False, special=False) == expected, text
