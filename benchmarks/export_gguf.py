@@ -58,14 +58,20 @@ def export(work: Path, outtype: str, adapter: str | None) -> Path:
     return path
 
 
-def run(adapter: str, work: Path, outtypes: list[str], threads: int) -> list[dict[str, Any]]:
+def run(
+    adapter: str, work: Path, outtypes: list[str], sizes_only: list[str], threads: int, with_base: bool
+) -> list[dict[str, Any]]:
     tokenizer = AutoTokenizer.from_pretrained(embedded_model_dir())
     records = load_records(DEMO_VAL, tokenizer)
     prompts = [list(tokenizer(r.prompt, add_special_tokens=False)["input_ids"]) for r in records]
     references = [r.reference for r in records]
     limit = max(len(tokenizer(r, add_special_tokens=False)["input_ids"]) for r in references) + 4
     rows = []
-    for label, outtype, with_adapter in [("base", "f16", None), *((o, o, adapter) for o in outtypes)]:
+    for outtype in sizes_only:
+        path = export(work, outtype, adapter)
+        print(json.dumps({"model": outtype, "size_mb": round(path.stat().st_size / 1e6, 1)}), flush=True)
+    base = [("base", "f16", None)] if with_base else []
+    for label, outtype, with_adapter in [*base, *((o, o, adapter) for o in outtypes)]:
         path = export(work, outtype, with_adapter)
         result = answers(path, prompts, limit, tokenizer.eos_token_id, threads)
         predictions = [tokenizer.decode(t, skip_special_tokens=True) for t in result["tokens"]]
@@ -86,8 +92,11 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--adapter", required=True, help="the demo run's adapter (petune train, no arguments)")
     parser.add_argument("--work", default="runs/export-bench", help="folder for the GGUF files")
-    parser.add_argument("--outtypes", default="f32,f16,q8_0,q4_0")
+    parser.add_argument("--outtypes", default="f16,q8_0,q4_0", help="exported and run in llama.cpp")
+    parser.add_argument("--sizes-only", default="f32,bf16", help="exported for their file size only")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--no-base", action="store_true", help="skip scoring the base model")
     options = parser.parse_args()
     Path(options.work).mkdir(parents=True, exist_ok=True)
-    run(options.adapter, Path(options.work), options.outtypes.split(","), options.threads)
+    sizes, outtypes = ([o for o in text.split(",") if o] for text in (options.sizes_only, options.outtypes))
+    run(options.adapter, Path(options.work), outtypes, sizes, options.threads, not options.no_base)
