@@ -59,10 +59,16 @@ def export(work: Path, outtype: str, adapter: str | None) -> Path:
 
 
 def run(
-    adapter: str, work: Path, outtypes: list[str], sizes_only: list[str], threads: int, with_base: bool
+    adapter: str,
+    work: Path,
+    outtypes: list[str],
+    sizes_only: list[str],
+    threads: int,
+    with_base: bool,
+    count: int | None,
 ) -> list[dict[str, Any]]:
     tokenizer = AutoTokenizer.from_pretrained(embedded_model_dir())
-    records = load_records(DEMO_VAL, tokenizer)
+    records = load_records(DEMO_VAL, tokenizer)[:count]
     prompts = [list(tokenizer(r.prompt, add_special_tokens=False)["input_ids"]) for r in records]
     references = [r.reference for r in records]
     limit = max(len(tokenizer(r, add_special_tokens=False)["input_ids"]) for r in references) + 4
@@ -96,7 +102,8 @@ if __name__ == "__main__":
     parser.add_argument("--sizes-only", default="f32,bf16", help="exported for their file size only")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-base", action="store_true", help="skip scoring the base model")
+    parser.add_argument("--records", type=int, default=None, help="score the first N held-out records (default: all)")
     options = parser.parse_args()
     Path(options.work).mkdir(parents=True, exist_ok=True)
     sizes, outtypes = ([o for o in text.split(",") if o] for text in (options.sizes_only, options.outtypes))
-    run(options.adapter, Path(options.work), outtypes, sizes, options.threads, not options.no_base)
+    run(options.adapter, Path(options.work), outtypes, sizes, options.threads, not options.no_base, options.records)

@@ -41,7 +41,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--outtype",
         default="f16",
         metavar="TYPE",
-        help=f"weight type: {', '.join(OUTTYPES)} (default: f16). Measured on the demo model: {costs}. "
+        help=f"weight type: {', '.join(OUTTYPES)} (default: f16). The demo model in llama.cpp "
+        f"(SmolLM2-135M + demo LoRA; exact match on 20 held-out records, BENCHMARKS.md): {costs}. "
         f"gguf-lora takes {', '.join(LORA_OUTTYPES)}; hf takes {', '.join(HF_DTYPES)}",
     )
     parser.add_argument("--output", required=True, help="file (gguf, gguf-lora) or folder (hf) to write")

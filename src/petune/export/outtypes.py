@@ -24,16 +24,16 @@ class Outtype:
     matrices: GGMLQuantizationType
     vocabulary: GGMLQuantizationType  # token_embd / output: kept at 8 bits when the rest is 4-bit
     file_type: LlamaFileType
-    cost: str  # what `--help` says: size and accuracy, measured on the demo model (BENCHMARKS.md)
+    cost: str  # `--help`: size and held-out exact match of the demo model in llama.cpp (BENCHMARKS.md)
 
 
 Q = GGMLQuantizationType
 OUTTYPES = {
-    "f32": Outtype(Q.F32, Q.F32, LlamaFileType.ALL_F32, "4 bytes a weight, exact"),
-    "f16": Outtype(Q.F16, Q.F16, LlamaFileType.MOSTLY_F16, "half of f32, same answers as f32 on the demo"),
-    "bf16": Outtype(Q.BF16, Q.BF16, LlamaFileType.MOSTLY_BF16, "half of f32, slightly coarser than f16"),
-    "q8_0": Outtype(Q.Q8_0, Q.Q8_0, LlamaFileType.MOSTLY_Q8_0, "~27%% of f32, answers nearly all as f16"),
-    "q4_0": Outtype(Q.Q4_0, Q.Q8_0, LlamaFileType.MOSTLY_Q4_0, "~17%% of f32, answers visibly drift"),
+    "f32": Outtype(Q.F32, Q.F32, LlamaFileType.ALL_F32, "540 MB, exact"),
+    "f16": Outtype(Q.F16, Q.F16, LlamaFileType.MOSTLY_F16, "271 MB, exact match 85%% as in transformers"),
+    "bf16": Outtype(Q.BF16, Q.BF16, LlamaFileType.MOSTLY_BF16, "271 MB, coarser mantissa than f16"),
+    "q8_0": Outtype(Q.Q8_0, Q.Q8_0, LlamaFileType.MOSTLY_Q8_0, "145 MB, 80%%"),
+    "q4_0": Outtype(Q.Q4_0, Q.Q8_0, LlamaFileType.MOSTLY_Q4_0, "92 MB, 80%% (embeddings kept at q8_0)"),
 }
 
 
