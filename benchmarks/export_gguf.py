@@ -1,7 +1,8 @@
 """`petune export` of the demo adapter in llama.cpp: file size, tokens/s and held-out exact match per outtype.
 
-Run: `python benchmarks/export_gguf.py --adapter RUN/adapter` (a few minutes on 2 cores), after `petune train`
-(the demo: no arguments) and `make llama-cpp`. For each outtype it exports the merged model (`petune export
+Run: `python benchmarks/export_gguf.py --adapter RUN/adapter --records 20 --threads 1` (BENCHMARKS.md's table;
+about 3 minutes per model on 2 cores shared with other work), after `petune train` (the demo: no arguments) and
+`make llama-cpp`. For each outtype it exports the merged model (`petune export
 --format gguf`), then llama.cpp (llama-cpp-python) answers each held-out record of the demo data greedily,
 from the chat-templated prompt tokenised by the HF tokenizer, with as many new tokens as `petune eval` gives
 (the longest reference + 4). Exact match is `petune eval`'s (whitespace-trimmed equality). Decode tokens/s
