@@ -89,8 +89,11 @@ def chat_ids(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
 
 
 def greedy(llama_cpp: ModuleType, model: Path, prompts: list[list[int]], eos: int, **options: Any) -> list[list[int]]:
-    """llama.cpp's greedy continuation (at most NEW_TOKENS, up to eos included) of each prompt."""
-    llm = llama_cpp.Llama(model_path=str(model), n_ctx=256, n_threads=2, verbose=False, **options)
+    """llama.cpp's greedy continuation (at most NEW_TOKENS, up to eos included) of each prompt.
+
+    One thread: llama.cpp's threads spin-wait for each other, and on cores shared with other processes two
+    took 219 s where one takes 2 s (this test, same machine, same hour)."""
+    llm = llama_cpp.Llama(model_path=str(model), n_ctx=256, n_threads=1, verbose=False, **options)
     outputs = []
     for ids in prompts:
         llm.reset()
@@ -138,7 +141,7 @@ def test_q8_0_in_llama_cpp_agrees_with_transformers_on_most_tokens(
     measure is teacher-forced: along transformers' answers, llama.cpp's most likely next token is the same at
     >= 90% of the positions (measured on this machine: 46 of 48)."""
     _, prompts, expected = reference
-    llm = llama_cpp.Llama(model_path=str(files["merged_q8_0"]), n_ctx=256, n_threads=2, logits_all=True, verbose=False)
+    llm = llama_cpp.Llama(model_path=str(files["merged_q8_0"]), n_ctx=256, n_threads=1, logits_all=True, verbose=False)
     same = total = 0
     for ids, answer in zip(prompts, expected, strict=True):
         llm.reset()
