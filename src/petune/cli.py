@@ -1,4 +1,4 @@
-"""The `petune` command: train, generate, chat, eval, merge, plan, compare. Parsing only; the work is in
+"""The `petune` command: train, generate, chat, eval, merge, export, plan, compare. Parsing only; the work is in
 `petune.train`, `petune.plan` and `petune.compare`.
 
 A mistake in the user's input (a file, a field, an option) ends with a one-line message on stderr and
@@ -92,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_chat(commands)
     _add_eval(commands)
     _add_merge(commands)
+    _add_export(commands)
     _add_plan(commands)
     _add_compare(commands)
     return parser
@@ -317,6 +318,17 @@ def _merge(args: argparse.Namespace, argv: list[str]) -> int:
     target = run_merge(args.model, args.adapter, args.output, args.dtype, args.overwrite)
     print(f"merged model written to {target} (load it with transformers.AutoModelForCausalLM.from_pretrained)")
     return 0
+
+
+def _add_export(commands: Any) -> None:
+    _add_command_module(
+        commands,
+        "export",
+        "petune.export.command",
+        help="GGUF for llama.cpp / Ollama (merged model or LoRA adapter), or a merged transformers folder",
+        description="Export a model, with its adapter merged or alongside, for llama.cpp, Ollama and other "
+        "GGUF runtimes; an Ollama Modelfile is written beside a GGUF export.",
+    )
 
 
 # --- plan, compare ----------------------------------------------------------------------------------

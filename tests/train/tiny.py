@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from petune.embedded import embedded_model_dir
 
@@ -27,22 +27,29 @@ def tokenizer() -> PreTrainedTokenizerBase:
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer: PreTrainedTokenizerBase) -> Path:
     """A random 2-layer, hidden-32 Llama whose vocabulary is SmolLM2's, saved with that tokenizer."""
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        tie_word_embeddings=True,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    LlamaForCausalLM(config).save_pretrained(folder)
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-llama"), tokenizer, "llama", tie_word_embeddings=True)
+
+
+def save_tiny_model(
+    folder: Path, tokenizer: PreTrainedTokenizerBase, model_type: str = "llama", seed: int = 0, **overrides: object
+) -> Path:
+    """Save a random 2-layer, hidden-32 `model_type` (llama, qwen2, mistral...) with SmolLM2's vocabulary and
+    tokenizer into `folder`; 4 query heads share 2 key/value heads. Returns `folder`."""
+    torch.manual_seed(seed)
+    settings: dict[str, object] = {
+        "vocab_size": len(tokenizer),
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 256,
+        "pad_token_id": tokenizer.pad_token_id,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        **overrides,
+    }
+    AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **settings)).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
 

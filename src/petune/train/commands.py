@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 from pathlib import Path
 from typing import Any, TextIO
@@ -138,22 +137,19 @@ def run_eval(
     return result
 
 
-def run_merge(model: str | None, adapter: str, output: str, dtype: str, overwrite: bool) -> Path:
-    """Fold a LoRA-family adapter into the base weights and save a plain transformers folder."""
+def merged_model(
+    model: str | None, adapter: str, dtype: torch.dtype = torch.float32
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The base with a weight adapter (LoRA and its kin) folded in, as a plain transformers model."""
     folder = adapter_folder(adapter)
     config = PeftConfig.from_pretrained(folder)
     if config.is_prompt_learning:
         raise UserError(
             f"{folder} is a {config.peft_type} adapter: it adds virtual tokens, there are no weights to merge"
         )
-    target = Path(output)
-    if target.exists() and (not target.is_dir() or any(target.iterdir())):
-        if not overwrite:
-            raise UserError(f"{target} already exists; pass --overwrite to replace it")
-        shutil.rmtree(target) if target.is_dir() else target.unlink()
     if _run_config(folder).get("method") == "qlora":
         print("the adapter was trained on a 4-bit base: merging into the dequantised float weights", file=sys.stderr)
-    network, tokenizer = load(model, str(folder), DTYPES[dtype])
+    network, tokenizer = load(model, str(folder), dtype)
     assert isinstance(network, PeftModel)
     base = network.get_base_model()
     if getattr(getattr(base.config, "quantization_config", None), "load_in_4bit", False):
@@ -161,6 +157,20 @@ def run_merge(model: str | None, adapter: str, output: str, dtype: str, overwrit
         base.dequantize()  # type: ignore[operator]
     merged = network.merge_and_unload()
     assert isinstance(merged, PreTrainedModel)
-    merged.save_pretrained(target)
-    tokenizer.save_pretrained(target)
+    return merged, tokenizer
+
+
+def run_merge(model: str | None, adapter: str, output: str, dtype: str, overwrite: bool) -> Path:
+    """Fold a LoRA-family adapter into the base weights and save a plain transformers folder.
+
+    The folder is written under a temporary name and renamed into place: `output` is never half-written.
+    """
+    from petune.export.output import atomic_output, check_free
+
+    target = Path(output)
+    check_free(target, overwrite)
+    merged, tokenizer = merged_model(model, adapter, DTYPES[dtype])
+    with atomic_output(target, overwrite, folder=True) as folder:
+        merged.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
     return target
