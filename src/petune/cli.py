@@ -152,7 +152,10 @@ def _train(args: argparse.Namespace, argv: list[str]) -> int:
     cfg = build_config(*layers, flags)
     if cfg.output is None:
         cfg.output = default_output(cfg.method)
-    if cfg.nproc > 1 and LAUNCHED not in os.environ and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+    world = os.environ.get("WORLD_SIZE")  # set by torchrun and accelerate launch
+    # an engine (--strategy) runs in a launched process group, even a group of one
+    needs_group = (cfg.nproc > 1 and int(world or "1") == 1) or (cfg.strategy != "ddp" and not world)
+    if LAUNCHED not in os.environ and needs_group:
         return _relaunch(cfg.nproc, [*_without_nproc(argv), "--output", cfg.output])
     from petune.train.loop import train
 
