@@ -159,7 +159,7 @@ class Fsdp(Engine):
             optimizer,
             model_state_dict=state["model"],
             optim_state_dict=state["optimizer"],
-            options=StateDictOptions(ignore_frozen_params=True),
+            options=StateDictOptions(ignore_frozen_params=True, strict=False),  # the frozen base is not saved
         )
 
 
