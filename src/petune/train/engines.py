@@ -163,6 +163,21 @@ class Fsdp(Engine):
         )
 
 
+def frozen_bytes(model: nn.Module) -> tuple[int, int]:
+    """(held by this process, whole) bytes of the frozen parameters. A process holds a ZeRO-3 partition
+    (`ds_tensor`), an FSDP2 shard (the DTensor's local part) or, replicated, the whole tensor."""
+    held = whole = 0
+    for param in model.parameters():
+        if param.requires_grad:
+            continue
+        local = getattr(param, "ds_tensor", None)
+        if local is None:
+            local = param.to_local() if hasattr(param, "to_local") else param
+        held += local.numel() * local.element_size()
+        whole += getattr(param, "ds_numel", param.numel()) * param.element_size()
+    return held, whole
+
+
 def _whole(tensor: Any) -> Any:
     """A DTensor (FSDP2's sharded parameters and norms) gathered into a plain tensor; anything else as is."""
     full = getattr(tensor, "full_tensor", None)

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -27,7 +28,7 @@ from petune.optim import adamw
 from petune.train import UserError, checkpoint, report, strategy, trackers
 from petune.train.config import TrainConfig
 from petune.train.data import IGNORE_INDEX, Dataset
-from petune.train.engines import Engine, make_engine
+from petune.train.engines import Engine, frozen_bytes, make_engine
 from petune.train.evaluate import accuracy
 from petune.train.methods import as_base_model, learning_rate, load_base, trainable_model
 from petune.train.objective import Objective, load_data, objective_for
@@ -91,11 +92,20 @@ def setup(cfg: TrainConfig) -> Run:
     run = Run(cfg, accelerator, run_dir, model, tokenizer, data, objective_for(cfg), engine, peak_lr, use_bf16)
     if main:
         report.describe_start(cfg, run_dir, data, model, run.global_batch, peak_lr)
-        if cfg.strategy != "ddp":
-            print(strategy.describe(cfg))
+    if cfg.strategy != "ddp":
+        describe_sharding(cfg, accelerator, model)
         cfg.save(run_dir / "config.yaml")
         trackers.start(accelerator, cfg.to_dict())
     return run
+
+
+def describe_sharding(cfg: TrainConfig, accelerator: Accelerator, model: nn.Module) -> None:
+    """Print the strategy and the bytes of frozen weights each process holds (every process calls this)."""
+    held, whole = frozen_bytes(model)  # after the engine sharded the model
+    held_each = accelerator.gather(torch.tensor([held], device=accelerator.device)).tolist()
+    if accelerator.is_main_process:
+        mb = ", ".join(f"{b / 1e6:.2f}" for b in held_each)
+        print(f"{strategy.describe(cfg)} | frozen weights held per process: {mb} MB of {whole / 1e6:.2f} MB")
 
 
 def resume_or_score_base(run: Run) -> tuple[int, dict[str, Any]]:
