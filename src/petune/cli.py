@@ -201,6 +201,7 @@ def _relaunch(nproc: int, argv: list[str]) -> int:
     processes = [
         subprocess.Popen(
             [sys.executable, "-m", "petune.cli", *argv],
+            preexec_fn=_die_with_parent,
             env={
                 **os.environ,
                 **common,
@@ -226,6 +227,16 @@ def _relaunch(nproc: int, argv: list[str]) -> int:
     return max((p.returncode for p in processes if p.returncode and p.returncode > 0), default=0) or max(
         (abs(p.returncode) for p in processes), default=0
     )
+
+
+def _die_with_parent() -> None:
+    """In a launched process (Linux): be killed when the launching `petune` dies, even by SIGKILL, so that no
+    orphan keeps training into the run folder that a resumed run then uses."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 # --- generate, chat, eval, merge ----------------------------------------------------------------------

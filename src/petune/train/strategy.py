@@ -16,7 +16,7 @@ and their optimizer state stay fp32, and the forward runs under autocast.
 
 from __future__ import annotations
 
-import importlib
+import importlib.util
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -68,11 +68,11 @@ def check(cfg: TrainConfig) -> None:
 
 
 def has_deepspeed() -> bool:
+    """Whether DeepSpeed is installed (found without importing it: the launching process never needs it)."""
     try:
-        importlib.import_module("deepspeed")
-    except ImportError:
+        return importlib.util.find_spec("deepspeed") is not None
+    except ValueError:  # in sys.modules as None: hidden on purpose
         return False
-    return True
 
 
 def read_deepspeed(path: str) -> dict[str, Any]:
