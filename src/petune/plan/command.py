@@ -173,7 +173,11 @@ def print_table(arch: Architecture, device: Device, plans: list[Plan], out: Text
     print(f"device  {device.name}: {device.memory_bytes / GIB:.1f} GB ({device.kind})", file=out)
     ckpt = "gradient checkpointing" if s.gradient_checkpointing else "no checkpointing"
     state = f"AdamW {s.optimizer_state} moments"
-    print(f"step    batch {s.batch_size} x {s.seq_len} tokens, {s.precision}, {state}, {ckpt}\n", file=out)
+    print(f"step    batch {s.batch_size} x {s.seq_len} tokens, {s.precision}, {state}, {ckpt}", file=out)
+    if s.strategy != "ddp" or s.nproc > 1:
+        offload = "" if s.offload == "none" else f", {s.offload} offloaded to CPU"
+        print(f"devices {s.nproc} under {s.strategy}{offload}: memory per device", file=out)
+    print(file=out)
     limits = [largest(p) for p in plans]
     rows: list[tuple[str, list[str]]] = [("GB at the peak", [p.setup.method for p in plans])]
     rows += [(LABELS[name], [f"{p.components[name] / GIB:.2f}" for p in plans]) for name in COMPONENTS]
