@@ -49,6 +49,8 @@ def check(cfg: TrainConfig) -> None:
             raise UserError(f"--{name} {getattr(cfg, name)!r} is unknown; choose one of: {', '.join(allowed)}")
     if cfg.deepspeed is not None:
         _check_user_config(cfg, read_deepspeed(cfg.deepspeed))
+    elif cfg.strategy == "ddp":  # `accelerate launch --config_file` with DeepSpeed or FSDP chosen there
+        cfg.strategy = _from_accelerate_launch()
     if cfg.strategy == "ddp" and cfg.offload != "none":
         raise UserError("--offload needs a sharding strategy: add --strategy zero2, zero3 or fsdp")
     if cfg.strategy == "zero2" and cfg.offload == "params":
@@ -65,6 +67,15 @@ def check(cfg: TrainConfig) -> None:
         raise UserError("--method full under --strategy fsdp is not supported yet: use --strategy zero2 or zero3")
     if is_deepspeed(cfg.strategy) and not has_deepspeed():
         raise UserError(f"--strategy {cfg.strategy} needs DeepSpeed: {INSTALL}")
+
+
+def _from_accelerate_launch() -> str:
+    """The strategy `accelerate launch` asks for through its environment (its config file's
+    distributed_type and ZeRO stage), else ddp."""
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+        stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")
+        return f"zero{stage}" if stage in ("2", "3") else "ddp"
+    return "fsdp" if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" else "ddp"
 
 
 def has_deepspeed() -> bool:
