@@ -92,10 +92,10 @@ def setup(cfg: TrainConfig) -> Run:
     run = Run(cfg, accelerator, run_dir, model, tokenizer, data, objective_for(cfg), engine, peak_lr, use_bf16)
     if main:
         report.describe_start(cfg, run_dir, data, model, run.global_batch, peak_lr)
-    if cfg.strategy != "ddp":
-        describe_sharding(cfg, accelerator, model)
         cfg.save(run_dir / "config.yaml")
         trackers.start(accelerator, cfg.to_dict())
+    if cfg.strategy != "ddp":
+        describe_sharding(cfg, accelerator, model)
     return run
 
 

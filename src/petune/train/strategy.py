@@ -63,6 +63,11 @@ def check(cfg: TrainConfig) -> None:
         raise UserError(f"--objective dpo runs under --strategy ddp only, not {cfg.strategy}")
     if cfg.method == "qlora":
         raise UserError(f"--method qlora runs under --strategy ddp only, not {cfg.strategy} (4-bit weights)")
+    if cfg.method == "dora" and cfg.strategy == "zero3":
+        raise UserError(
+            "--method dora reads each whole base weight for its norm, which ZeRO-3 keeps partitioned outside the "
+            "layer's own forward: use --strategy fsdp or zero2"
+        )
     if cfg.method == "full" and cfg.strategy == "fsdp":
         raise UserError("--method full under --strategy fsdp is not supported yet: use --strategy zero2 or zero3")
     if is_deepspeed(cfg.strategy) and not has_deepspeed():
