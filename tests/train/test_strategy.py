@@ -44,6 +44,7 @@ def write(tmp_path: Path, config: object) -> str:
         (["--strategy", "fsdp", "--method", "qlora"], "--method qlora runs under --strategy ddp only"),
         (["--strategy", "zero3", "--method", "dora"], "use --strategy fsdp or zero2"),
         (["--strategy", "fsdp", "--method", "full"], "use --strategy zero2 or zero3"),
+        (["--strategy", "fsdp", "--method", "ptuning"], "--method ptuning under --strategy fsdp is not supported"),
     ],
 )
 def test_impossible_combinations_are_refused(
