@@ -128,3 +128,16 @@ def test_resuming_under_another_strategy_is_refused(
         f"was saved under --strategy {strategy} with 2 processes; resume it with --strategy {strategy} --nproc 2" in err
     )
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [CHECKPOINT]  # nothing lost
+
+
+def test_p_tuning_under_zero3_saves_its_prompt_encoder_whole(
+    tiny_model_dir: Path, tiny_data: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """ZeRO-3 partitions the prompt encoder too (HF PEFT users got its tensors saved empty): every saved tensor
+    is whole and the adapter is the one-process adapter."""
+    method = ["--method", "ptuning", "--max-steps", "2"]
+    assert main([*tiny_args(tiny_model_dir, tiny_data, tmp_path / "one"), *QUICK, *method]) == 0
+    launch([*engine_args("zero3", tiny_model_dir, tiny_data, tmp_path / "two"), *method])
+    saved = trained_tensors(tmp_path / "two")
+    assert len(saved) > 1 and all(t.numel() > 0 for t in saved.values()), {k: t.shape for k, t in saved.items()}
+    assert_same_tensors(tmp_path / "one", tmp_path / "two", atol=1e-5)
