@@ -6,7 +6,7 @@ median over the steps after the first (metrics.jsonl, summed over processes). On
 what each engine costs, not a timing to three digits.
 
     python benchmarks/engines.py                       # every case, ~10 min on 2 cores
-    python benchmarks/engines.py --cases zero3:2 ddp:1
+    python benchmarks/engines.py --cases zero3:2 ddp:1 --model MODEL_FOLDER
 """
 
 from __future__ import annotations
@@ -26,9 +26,10 @@ import psutil
 CASES = ["ddp:1", "ddp:2", "zero2:2", "zero3:2", "fsdp:2", "zero3:1", "fsdp:1"]
 
 
-def run_case(strategy: str, nproc: int, steps: int, folder: Path) -> dict[str, float]:
+def run_case(strategy: str, nproc: int, steps: int, folder: Path, model: str | None) -> dict[str, float]:
     output = folder / f"{strategy}-{nproc}"
     args = ["train", "--output", str(output), "--overwrite", "true", "--max-steps", str(steps)]
+    args += ["--model", model] if model else []
     args += ["--batch-size", str(4 // nproc), "--max-length", "128", "--lora.target-modules", "all-linear"]
     args += ["--eval-samples", "0", "--eval-before", "false", "--eval-every", "0", "--save-every", "0"]
     args += ["--strategy", strategy, "--nproc", str(nproc)]
@@ -56,13 +57,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cases", nargs="+", default=CASES, help="STRATEGY:NPROC (default: all)")
     parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--model", help="a model folder (default: the embedded SmolLM2-135M-Instruct)")
     args = parser.parse_args()
     print("| strategy | processes | peak RSS per process (MB) | tokens/s (all processes) |")
     print("|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         for case in args.cases:
             strategy, nproc = case.split(":")
-            result = run_case(strategy, int(nproc), args.steps, Path(tmp))
+            result = run_case(strategy, int(nproc), args.steps, Path(tmp), args.model)
             print(f"| {strategy} | {nproc} | {result['peak_rss_mb']:.0f} | {result['tokens_per_s']:.0f} |", flush=True)
 
 
