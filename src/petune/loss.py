@@ -64,6 +64,8 @@ def causal_lm_loss(
         output.last_hidden_state = output.last_hidden_state[:, -1:].contiguous()
         return output
 
+    if _sharded(head):
+        return _loss_from_logits(model, inputs, labels, num_items)
     hook = decoder.register_forward_hook(keep_hidden)
     try:
         # logits_to_keep=1: the model's own head runs on one position only; we do the rest below.
@@ -92,6 +94,27 @@ def causal_lm_loss(
             piece = slice(start, start + chunk_size)
             total = total + checkpoint(_chunk_loss, head, selected[piece], targets[piece], use_reentrant=False)
     return total / max(count, 1)
+
+
+def _sharded(head: nn.Module) -> bool:
+    """Whether the head's weight is a shard (DeepSpeed ZeRO-3, torch FSDP2), whole only inside the forward."""
+    weight = getattr(head, "weight", None)
+    return hasattr(weight, "ds_id") or type(weight).__name__ == "DTensor"
+
+
+def _loss_from_logits(
+    model: nn.Module, inputs: dict[str, Any], labels: torch.Tensor, num_items: int | None
+) -> torch.Tensor:
+    """The same loss from the model's own logits at every position: under a sharding engine the head's weight
+    is gathered for the model's forward and backward only, so the head must run inside them."""
+    logits = model(**inputs, use_cache=False).logits  # (B, T', V); T' > T with a prompt method's virtual tokens
+    if logits.shape[1] > labels.shape[1]:
+        labels = F.pad(labels, (logits.shape[1] - labels.shape[1], 0), value=IGNORE_INDEX)
+    shift_labels = labels[:, 1:].to(logits.device)
+    keep = shift_labels != IGNORE_INDEX
+    targets = shift_labels[keep]
+    total = F.cross_entropy(logits[:, :-1][keep].float(), targets, reduction="sum")
+    return total / max(num_items if num_items is not None else int(targets.numel()), 1)
 
 
 def without_right_padding_mask(inputs: dict[str, Any], labels: torch.Tensor) -> dict[str, Any]:

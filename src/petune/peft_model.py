@@ -437,10 +437,11 @@ class PeftModel(nn.Module):
     # --- reporting --------------------------------------------------------------------------------
 
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
-        """(trainable, total) parameter counts; a 4-bit weight counts its unpacked size."""
+        """(trainable, total) parameter counts; a 4-bit weight counts its unpacked size, a weight partitioned by
+        DeepSpeed ZeRO-3 its whole size (`ds_numel`)."""
         trainable = total = 0
         for param in self.parameters():
-            count = param.numel()
+            count = getattr(param, "ds_numel", param.numel())
             if param.__class__.__name__ == "Params4bit":
                 count *= 2  # two 4-bit values per stored byte
             total += count

@@ -25,8 +25,12 @@ class WeightLayer(AdapterLayer):
     def __init__(self, base_layer: nn.Module, fan_in_fan_out: bool) -> None:
         super().__init__(base_layer)
         self.fan_in_fan_out = fan_in_fan_out
-        weight = self.base_weight()
-        self.out_features, self.in_features = weight.shape
+        partitioned = getattr(self.base_layer.weight, "ds_shape", None)  # DeepSpeed ZeRO-3: the weight is a shard
+        if partitioned is not None:
+            shape = tuple(reversed(partitioned)) if fan_in_fan_out else tuple(partitioned)
+        else:
+            shape = tuple(self.base_weight().shape)
+        self.out_features, self.in_features = shape
         self.merged: list[str] = []
 
     def base_weight(self) -> torch.Tensor:

@@ -74,6 +74,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--virtual-tokens", type=int, default=20, help="prompt/p-/prefix tuning (default: 20)")
     parser.add_argument("--encoder-hidden-size", type=int, default=128, help="p-tuning's MLP width (default: 128)")
+    parser.add_argument(
+        "--strategy",
+        default="ddp",
+        help="ddp | zero2 | zero3 | fsdp: how --nproc devices share the model; memory is per device (default: ddp)",
+    )
+    parser.add_argument("--nproc", type=int, default=1, help="devices (processes) training together (default: 1)")
+    parser.add_argument(
+        "--offload", default="none", help="none | optimizer | params: state kept in CPU memory (default: none)"
+    )
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
@@ -104,6 +113,9 @@ def run(args: argparse.Namespace, out: TextIO) -> int:
             lora_targets=parse_targets(args.lora_targets),
             virtual_tokens=args.virtual_tokens,
             encoder_hidden_size=args.encoder_hidden_size,
+            strategy=args.strategy,
+            nproc=args.nproc,
+            offload=args.offload,
         )
         plans.append(plan(arch, setup, device))
     if args.json:
@@ -136,6 +148,9 @@ def as_dict(p: Plan) -> dict[str, Any]:
         "gradient_checkpointing": s.gradient_checkpointing,
         "lora_r": s.lora_r if s.adapted else None,
         "lora_targets": list(s.adapted) or None,
+        "strategy": s.strategy,
+        "nproc": s.nproc,
+        "offload": s.offload,
         "device": p.device.name,
         "device_gb": round(p.device.memory_bytes / GIB, 2),
         "total_gb": round(p.total_bytes / GIB, 3),
@@ -158,7 +173,11 @@ def print_table(arch: Architecture, device: Device, plans: list[Plan], out: Text
     print(f"device  {device.name}: {device.memory_bytes / GIB:.1f} GB ({device.kind})", file=out)
     ckpt = "gradient checkpointing" if s.gradient_checkpointing else "no checkpointing"
     state = f"AdamW {s.optimizer_state} moments"
-    print(f"step    batch {s.batch_size} x {s.seq_len} tokens, {s.precision}, {state}, {ckpt}\n", file=out)
+    print(f"step    batch {s.batch_size} x {s.seq_len} tokens, {s.precision}, {state}, {ckpt}", file=out)
+    if s.strategy != "ddp" or s.nproc > 1:
+        offload = "" if s.offload == "none" else f", {s.offload} offloaded to CPU"
+        print(f"devices {s.nproc} under {s.strategy}{offload}: memory per device", file=out)
+    print(file=out)
     limits = [largest(p) for p in plans]
     rows: list[tuple[str, list[str]]] = [("GB at the peak", [p.setup.method for p in plans])]
     rows += [(LABELS[name], [f"{p.components[name] / GIB:.2f}" for p in plans]) for name in COMPONENTS]

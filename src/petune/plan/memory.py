@@ -8,8 +8,9 @@ peak is the larger of the two moments (petune's measured peaks agree: tests/plan
     backward start  weights + optimizer state + saved activations + loss scratch (or one layer's backward)
     optimizer step  weights + optimizer state + all gradients + the step's scratch
 
-`Plan.components` is the memory at the peak moment, so its values add up to `total_bytes`; `Plan.sizes` is
-the most each component reaches during the step.
+Under `--strategy` with N devices each phase is the memory of one device (petune.plan.sharding: ZeRO's and
+FSDP's partitioning). `Plan.components` is the memory at the peak moment, so its values add up to
+`total_bytes`; `Plan.sizes` is the most each component reaches during the step.
 
 Activations are counted from what autograd really keeps in a transformers Llama layer (SDPA attention,
 HF's RMSNorm, which upcasts to fp32, or petune's kernels, which every PeftModel runs), not from a rule of
@@ -28,6 +29,7 @@ from petune.plan.architectures import Architecture
 from petune.plan.counts import adapter_params, largest_trainable_tensor, linear_shapes, total_params
 from petune.plan.gpus import Device
 from petune.plan.setup import OPTIMIZER_STATES, Setup
+from petune.plan.sharding import per_device
 
 COMPONENTS = (
     "frozen_weights",
@@ -248,6 +250,9 @@ def plan(arch: Architecture, setup: Setup, device: Device) -> Plan:
         "activations": 0,
         "logits_loss": 0,
     }
+    total = total_params(arch)
+    backward_start = per_device(backward_start, arch, setup.strategy, setup.nproc, setup.offload, total)
+    optimizer_step = per_device(optimizer_step, arch, setup.strategy, setup.nproc, setup.offload, total)
     phase, chosen = max(
         ("backward start", backward_start), ("optimizer step", optimizer_step), key=lambda item: sum(item[1].values())
     )
@@ -255,7 +260,7 @@ def plan(arch: Architecture, setup: Setup, device: Device) -> Plan:
     sizes["activations"] = saved + final_norm + layer_peak
     sizes["logits_loss"] = kept + loss_scratch
     components = {name: int(chosen[name]) for name in COMPONENTS}
-    return Plan(arch, setup, device, components, sizes, phase, trainable, total_params(arch))
+    return Plan(arch, setup, device, components, sizes, phase, trainable, total)
 
 
 def largest_fitting(arch: Architecture, setup: Setup, device: Device, field: str, upper: int) -> int:

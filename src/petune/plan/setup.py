@@ -40,6 +40,9 @@ class Setup:
     encoder_hidden_size: int = 128  # p-tuning's MLP
     loss_chunk: int = 256  # label positions whose logits petune's loss computes at once (petune.loss.CHUNK_SIZE)
     options: Any = None  # LAYER_METHODS: the method's `petune train` option section; None: train's defaults
+    strategy: str = "ddp"  # how `nproc` devices share the model (petune.plan.sharding)
+    nproc: int = 1
+    offload: str = "none"
 
     def __post_init__(self) -> None:
         choices = {"method": METHODS, "precision": PRECISIONS, "optimizer_state": tuple(OPTIMIZER_STATES)}
@@ -51,6 +54,9 @@ class Setup:
         for name in ("batch_size", "seq_len", "lora_r", "virtual_tokens", "encoder_hidden_size", "loss_chunk"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{_flag(name)} must be at least 1, got {getattr(self, name)}")
+        from petune.plan.sharding import check
+
+        check(self.strategy, self.nproc, self.offload)
         unknown = [t for t in self.lora_targets if t not in LINEAR_NAMES]
         if unknown or not self.lora_targets:
             raise UserError(

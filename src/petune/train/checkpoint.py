@@ -3,8 +3,11 @@
     <run>/checkpoints/step-00000040/
         adapter_config.json, adapter_model.safetensors   the adapter so far (HF PEFT format, usable as is);
             for --method full: config.json, model.safetensors, the whole model (a transformers folder)
-        trainer_state.pt    trainable tensors, optimizer state, step, data position (plain tensors and dicts)
+        trainer_state.pt    trainable tensors, optimizer state, step, data position, strategy (plain tensors and dicts)
         rng-rank<R>.pt      each process's random number generator states
+        deepspeed/ or fsdp/ under --strategy zero2/zero3/fsdp: the engine's own state (each process its shard
+                            of the trained tensors and optimizer state); trainer_state.pt then holds the
+                            gathered trained tensors and no optimizer state
         checksums.json      SHA-256 of each file above, so a file damaged later is noticed on resume
 
 A checkpoint is written into a temporary folder and renamed into place (a rename is atomic), so a
@@ -25,11 +28,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from petune import files
 from petune.files import FileError
 from petune.train import UserError
+from petune.train.engines import Engine
 
 STATE_NAME = "trainer_state.pt"
 CHECKSUMS_NAME = "checksums.json"
@@ -67,21 +70,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The tensors that train, by parameter name (exactly what the optimizer updates)."""
-    return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
-
-
-def save(
-    run_dir: Path,
-    step: int,
-    model: Any,
-    optimizer: torch.optim.Optimizer,
-    extra: dict[str, Any],
-    rank: int,
-    barrier: Any,
-    keep: int,
-) -> Path:
+def save(run_dir: Path, step: int, engine: Engine, extra: dict[str, Any], rank: int, barrier: Any, keep: int) -> Path:
     """Write checkpoint `step` (every process calls this; process 0 writes the shared files)."""
     final = checkpoint_dir(run_dir) / f"{PREFIX}{step:08d}"
     tmp = checkpoint_dir(run_dir) / f".tmp-{final.name}"
@@ -90,10 +79,15 @@ def save(
         tmp.mkdir(parents=True)
     barrier()
     torch.save(rng_state(), tmp / f"rng-rank{rank}.pt")
-    if rank == 0:
-        model.save_pretrained(tmp)
-        state = {"step": step, "trainable": trainable_state(model), "optimizer": optimizer.state_dict(), **extra}
-        torch.save(state, tmp / STATE_NAME)
+    extra = {**extra, "strategy": engine.strategy, "processes": engine.world}
+    with engine.gathered() as tensors:
+        if rank == 0:
+            save_trained_tensors(engine, tensors, tmp)
+            optimizer = {} if engine.saves_state else engine.optimizer.state_dict()
+            state = {"step": step, "trainable": {k: v.clone() for k, v in tensors.items()}, "optimizer": optimizer}
+            torch.save({**state, **extra}, tmp / STATE_NAME)
+    if engine.saves_state:
+        engine.save(tmp)
     barrier()
     if rank == 0:
         _write_checksums(tmp)
@@ -105,9 +99,15 @@ def save(
     return final
 
 
-def restore(
-    run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer, rank: int, barrier: Any, say: Any
-) -> tuple[Path | None, dict[str, Any]]:
+def save_trained_tensors(engine: Engine, tensors: dict[str, torch.Tensor], folder: Path) -> None:
+    """The adapter (HF PEFT format), or a full run's model, from the gathered trained tensors."""
+    if engine.saves_state:  # the live parameters may be shards: the gathered tensors are what is saved
+        engine.model.save_pretrained(folder, state_dict=tensors)  # type: ignore[operator]
+    else:
+        engine.model.save_pretrained(folder)  # type: ignore[operator]
+
+
+def restore(run_dir: Path, engine: Engine, rank: int, barrier: Any, say: Any) -> tuple[Path | None, dict[str, Any]]:
     """Load the newest intact checkpoint into the model, optimizer and RNG: (its folder, its saved state).
 
     Damaged newer checkpoints are skipped, reported with `say`, and renamed (process 0) to `damaged-step-*`
@@ -122,7 +122,7 @@ def restore(
             damaged.append(path)
             say(f"checkpoint {path.name} is damaged, skipping it: {error}")
             continue
-        apply(path, state, rng, model, optimizer)
+        apply(path, state, rng, engine)
         chosen = (path, state)
         break
     barrier()
@@ -158,17 +158,26 @@ def read(path: Path, rank: int) -> tuple[dict[str, Any], dict[str, Any]]:
     return state, rng
 
 
-def apply(path: Path, state: dict[str, Any], rng: dict[str, Any], model: nn.Module, optimizer: Any) -> None:
+def apply(path: Path, state: dict[str, Any], rng: dict[str, Any], engine: Engine) -> None:
     """Copy a checkpoint's trainable tensors, optimizer state and RNG state into this process."""
-    params = dict(model.named_parameters())
+    saved_by = (state.get("strategy", "ddp"), state.get("processes", engine.world))
+    if saved_by != (engine.strategy, engine.world) and (engine.saves_state or saved_by[0] != engine.strategy):
+        raise UserError(
+            f"checkpoint {path} was saved under --strategy {saved_by[0]} with {saved_by[1]} processes; "
+            f"resume it with --strategy {saved_by[0]} --nproc {saved_by[1]}"
+        )
+    params = dict(engine.model.named_parameters())
     saved_tensors = state.pop("trainable")
     expected = {name for name, p in params.items() if p.requires_grad}
     if set(saved_tensors) != expected:
         raise UserError(f"checkpoint {path} does not match this model and method (different trainable tensors)")
-    with torch.no_grad():
-        for name, tensor in saved_tensors.items():
-            params[name].copy_(tensor)
-    optimizer.load_state_dict(state.pop("optimizer"))
+    if engine.saves_state:
+        engine.load(path)
+    else:
+        with torch.no_grad():
+            for name, tensor in saved_tensors.items():
+                params[name].copy_(tensor)
+        engine.optimizer.load_state_dict(state.pop("optimizer"))
     set_rng_state(rng)
 
 
@@ -182,8 +191,9 @@ def _unused(path: Path) -> Path:
 
 
 def _write_checksums(folder: Path) -> None:
-    """`checksums.json`: the SHA-256 of every file of a checkpoint folder (adapter, state, RNG states)."""
-    digests = {child.name: files.sha256(child) for child in sorted(folder.iterdir()) if child.is_file()}
+    """`checksums.json`: the SHA-256 of every file of a checkpoint folder (adapter, state, RNG states, engine)."""
+    found = sorted(child for child in folder.rglob("*") if child.is_file())
+    digests = {child.relative_to(folder).as_posix(): files.sha256(child) for child in found}
     (folder / CHECKSUMS_NAME).write_text(json.dumps(digests, indent=1) + "\n")
 
 
@@ -196,7 +206,7 @@ def _prune(run_dir: Path, keep: int) -> None:
 
 def _fsync_dir(path: Path) -> None:
     """Flush a folder's files and entry to disk, so the rename publishes complete data."""
-    for child in path.iterdir():
+    for child in path.rglob("*"):
         if child.is_file():
             with child.open("rb") as handle:
                 os.fsync(handle.fileno())

@@ -271,6 +271,12 @@ class TrainConfig:
         ["none"], f"also log metrics to: {' | '.join(REPORT_TO)}, comma-separated; offline, under the run folder"
     )
     nproc: int = option(1, "data-parallel processes (gloo on CPU); `accelerate launch --multi_gpu` works too")
+    strategy: str = option(
+        "ddp",
+        "ddp: the whole model in every process | zero2, zero3: DeepSpeed ZeRO stage 2/3 | fsdp: torch FSDP2",
+    )
+    offload: str = option("none", "none | optimizer (zero2, zero3) | params (zero3, fsdp): that state in CPU memory")
+    deepspeed: str | None = option(None, "a DeepSpeed JSON config (its ZeRO stage is the strategy); flags must agree")
     resume: bool = option(False, "continue the run in --output from its latest checkpoint")
     overwrite: bool = option(False, "replace an existing --output folder")
     lora: LoraOptions = field(default_factory=LoraOptions)
@@ -315,6 +321,9 @@ class TrainConfig:
             )
         if self.resume and self.output is None:
             raise UserError("--resume needs --output, the run folder to continue")
+        from petune.train import strategy
+
+        strategy.check(self)
 
     def _check_report_to(self) -> None:
         for name in self.report_to:

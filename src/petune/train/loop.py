@@ -7,7 +7,7 @@ so one process with 2 micro-batches, or 2 processes with 1 each, compute the sam
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import functools
 import math
 import os
@@ -25,9 +25,10 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from petune import PeftModel
 from petune.embedded import resolve_model_path
 from petune.optim import adamw
-from petune.train import UserError, checkpoint, report, trackers
+from petune.train import UserError, checkpoint, report, strategy, trackers
 from petune.train.config import TrainConfig
-from petune.train.data import Dataset
+from petune.train.data import IGNORE_INDEX, Dataset
+from petune.train.engines import Engine, frozen_bytes, make_engine
 from petune.train.evaluate import accuracy
 from petune.train.methods import (
     after_optimizer_step,
@@ -51,7 +52,7 @@ class Run:
     tokenizer: PreTrainedTokenizerBase
     data: Dataset
     objective: Objective  # sft or dpo: how a batch is made and what its loss is
-    optimizer: torch.optim.Optimizer
+    engine: Engine  # --strategy: the prepared model (`engine.trained`) and optimizer, backward, step, state
     peak_lr: float
     use_bf16: bool
 
@@ -74,9 +75,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 def setup(cfg: TrainConfig) -> Run:
     """The run folder, base model, data, adapter (none for full fine-tuning) and optimizer."""
     cfg.output = cfg.output or report.default_output(cfg.method)
-    accelerator = Accelerator(  # cpu=True: gloo between CPU processes
-        cpu=not torch.cuda.is_available(), log_with=trackers.make_trackers(cfg.report_to, Path(cfg.output)) or None
-    )
+    accelerator = strategy.make_accelerator(cfg, trackers.make_trackers(cfg.report_to, Path(cfg.output)) or None)
     cfg.nproc = accelerator.num_processes  # as launched (`--nproc` or torchrun)
     if cfg.nproc > 1 and accelerator.device.type == "cpu":
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // cfg.nproc))
@@ -96,12 +95,24 @@ def setup(cfg: TrainConfig) -> Run:
     params = [p for p in model.parameters() if p.requires_grad]
     peak_lr = learning_rate(cfg)
     optimizer = adamw(params, lr=peak_lr, weight_decay=cfg.weight_decay)
-    run = Run(cfg, accelerator, run_dir, model, tokenizer, data, objective_for(cfg), optimizer, peak_lr, use_bf16)
+    engine = make_engine(cfg.strategy, accelerator, model, optimizer, cfg.grad_accum)  # DDP, ZeRO or FSDP2
+    run = Run(cfg, accelerator, run_dir, model, tokenizer, data, objective_for(cfg), engine, peak_lr, use_bf16)
     if main:
         report.describe_start(cfg, run_dir, data, model, run.global_batch, peak_lr)
         cfg.save(run_dir / "config.yaml")
         trackers.start(accelerator, cfg.to_dict())
+    if cfg.strategy != "ddp":
+        describe_sharding(cfg, accelerator, model)
     return run
+
+
+def describe_sharding(cfg: TrainConfig, accelerator: Accelerator, model: nn.Module) -> None:
+    """Print the strategy and the bytes of frozen weights each process holds (every process calls this)."""
+    held, whole = frozen_bytes(model)  # after the engine sharded the model
+    held_each = accelerator.gather(torch.tensor([held], device=accelerator.device)).tolist()
+    if accelerator.is_main_process:
+        mb = ", ".join(f"{b / 1e6:.2f}" for b in held_each)
+        print(f"{strategy.describe(cfg)} | frozen weights held per process: {mb} MB of {whole / 1e6:.2f} MB")
 
 
 def resume_or_score_base(run: Run) -> tuple[int, dict[str, Any]]:
@@ -112,12 +123,12 @@ def resume_or_score_base(run: Run) -> tuple[int, dict[str, Any]]:
     state: dict[str, Any] = {}
     if cfg.resume:
         rank, barrier = run.accelerator.process_index, run.accelerator.wait_for_everyone
-        found, state = checkpoint.restore(run.run_dir, run.model, run.optimizer, rank, barrier, say=_say(main))
+        found, state = checkpoint.restore(run.run_dir, run.engine, rank, barrier, say=_say(main))
     if found is not None:
         if state["global_batch"] != run.global_batch:
             raise UserError(f"{found} was made with a global batch of {state['global_batch']}, not {run.global_batch}")
         start_step = state["step"]
-    elif main and cfg.eval_before and cfg.eval_samples and run.data.val_records and "before" not in results:
+    elif main and cfg.eval_before and scores_by_generation(cfg) and run.data.val_records and "before" not in results:
         with as_base_model(run.model):
             results["before"] = accuracy(run.model, run.tokenizer, run.data.val_records[: cfg.eval_samples])
         report.write_results(run.run_dir, results)  # kept for a resumed run
@@ -131,6 +142,12 @@ def resume_or_score_base(run: Run) -> tuple[int, dict[str, Any]]:
     return start_step, results
 
 
+def scores_by_generation(cfg: TrainConfig) -> bool:
+    """Whether the run scores held-out records by generation (on the main process alone): not under a sharded
+    strategy, where every generated token would need every process."""
+    return bool(cfg.eval_samples) and cfg.strategy not in strategy.SHARDED
+
+
 def _say(main: bool) -> Any:
     """`print` on the main process, nothing elsewhere."""
     return print if main else lambda *_: None
@@ -139,12 +156,11 @@ def _say(main: bool) -> Any:
 def train_steps(run: Run, start_step: int) -> None:
     """Optimizer steps `start_step` .. `max_steps` - 1, with held-out loss and checkpoints every N steps."""
     cfg, accelerator = run.cfg, run.accelerator
-    trained = accelerator.prepare(run.model) if cfg.nproc > 1 else run.model  # DistributedDataParallel
-    trained.train()
+    run.engine.trained.train()
     metrics = report.Metrics(run.run_dir / "metrics.jsonl", accelerator.is_main_process, trackers.logger(accelerator))
     bar = tqdm(total=cfg.max_steps, initial=start_step, disable=not accelerator.is_main_process or None, unit="step")
     for step in range(start_step, cfg.max_steps):
-        row = optimizer_step(run, trained, step)
+        row = optimizer_step(run, step)
         metrics.log(row)
         bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
         bar.update(1)
@@ -159,16 +175,16 @@ def train_steps(run: Run, start_step: int) -> None:
         if cfg.save_every and done % cfg.save_every == 0:
             extra = {"global_batch": run.global_batch, "examples_seen": done * run.global_batch}
             rank, barrier = accelerator.process_index, accelerator.wait_for_everyone
-            checkpoint.save(run.run_dir, done, run.model, run.optimizer, extra, rank, barrier, cfg.keep_checkpoints)
+            checkpoint.save(run.run_dir, done, run.engine, extra, rank, barrier, cfg.keep_checkpoints)
     bar.close()
 
 
-def optimizer_step(run: Run, trained: nn.Module, step: int) -> dict[str, float]:
+def optimizer_step(run: Run, step: int) -> dict[str, float]:
     """One step on this process's share of the global batch; returns the metrics row."""
-    cfg, accelerator, world = run.cfg, run.accelerator, run.accelerator.num_processes
+    cfg, accelerator, world, engine = run.cfg, run.accelerator, run.accelerator.num_processes, run.engine
     started = time.perf_counter()
     lr = lr_at(step, cfg, run.peak_lr)
-    for group in run.optimizer.param_groups:
+    for group in engine.optimizer.param_groups:
         group["lr"] = lr
     pad, objective = run.tokenizer.pad_token_id, run.objective
     batches = [
@@ -182,26 +198,21 @@ def optimizer_step(run: Run, trained: nn.Module, step: int) -> dict[str, float]:
     counts = accelerator.reduce(counts, "sum") if world > 1 else counts  # over the global batch
     sums: dict[str, torch.Tensor] = {}  # "loss" and the objective's other metrics, summed over micro-batches
     for index, batch in enumerate(batches):
-        last = index == len(batches) - 1
-        with contextlib.nullcontext() if last or world == 1 else accelerator.no_sync(trained):
+        with engine.micro_batch(last=index == len(batches) - 1):
             with torch.autocast(accelerator.device.type, dtype=torch.bfloat16, enabled=run.use_bf16):
-                loss_sum, extra = objective.loss_sum(trained, run.model, batch)
-            # DDP averages gradients over processes; x world turns that average back into a sum.
+                loss_sum, extra = objective.loss_sum(engine.trained, run.model, batch)
+            # every engine averages gradients over processes; x world turns that average back into a sum.
             loss = loss_sum * world / counts[0].clamp(min=1)
-            penalty = loss_penalty(run.model) if last else None  # once per step; the same on every process
-            (loss if penalty is None else loss + penalty).backward()
+            penalty = loss_penalty(run.model) if index == len(batches) - 1 else None  # once per step, every process
+            engine.backward(loss if penalty is None else loss + penalty)
         for name, value in {"loss": loss_sum, **extra}.items():
             sums[name] = sums.get(name, 0) + value.detach().double()
-    params = [p for group in run.optimizer.param_groups for p in group["params"]]
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or math.inf)
-    run.optimizer.step()
-    after_optimizer_step(run.model, step)
-    run.optimizer.zero_grad(set_to_none=True)
+    grad_norm = engine.step(cfg.max_grad_norm or math.inf, after=lambda: after_optimizer_step(run.model, step))
     totals = torch.stack(list(sums.values()))
     totals = accelerator.reduce(totals, "sum") if world > 1 else totals
     means = dict(zip(sums, (totals / counts[0].clamp(min=1)).tolist(), strict=True))
     tokens_per_s = counts[1].item() / (time.perf_counter() - started)
-    row = {"step": step + 1, "loss": means.pop("loss"), "lr": lr, "grad_norm": grad_norm.item()}
+    row = {"step": step + 1, "loss": means.pop("loss"), "lr": lr, "grad_norm": grad_norm}
     return {**row, "tokens_per_s": tokens_per_s, **means}
 
 
@@ -209,22 +220,31 @@ def finish(run: Run, results: dict[str, Any]) -> dict[str, Any]:
     """Final held-out loss and accuracy; the adapter (or model), eval.json, plot and summary (main process)."""
     cfg = run.cfg
     final = heldout(run) if run.data.val else None
-    if run.accelerator.is_main_process:
-        if final is not None:
-            row = eval_row(cfg.max_steps, final)
-            report.Metrics(run.run_dir / "metrics.jsonl", True, trackers.logger(run.accelerator)).log(row)
-            results["heldout"] = final
-        if cfg.eval_samples and run.data.val_records:
-            results["after"] = accuracy(run.model, run.tokenizer, run.data.val_records[: cfg.eval_samples])
-        report.finish(run.run_dir, run.model, run.tokenizer, cfg, results, run.data)
+    with run.engine.gathered() as tensors:  # the trained tensors whole (sharded strategies gather them)
+        if run.accelerator.is_main_process:
+            if final is not None:
+                row = eval_row(cfg.max_steps, final)
+                report.Metrics(run.run_dir / "metrics.jsonl", True, trackers.logger(run.accelerator)).log(row)
+                results["heldout"] = final
+            if scores_by_generation(cfg) and run.data.val_records:
+                results["after"] = accuracy(run.model, run.tokenizer, run.data.val_records[: cfg.eval_samples])
+            state = tensors if run.engine.saves_state else None
+            report.finish(run.run_dir, run.model, run.tokenizer, cfg, results, run.data, state)
     run.accelerator.wait_for_everyone()
     return results
 
 
 def heldout(run: Run) -> dict[str, float]:
-    """Held-out loss, each process scoring its share of the examples."""
-    accelerator = run.accelerator
-    share = run.data.val[accelerator.process_index :: accelerator.num_processes]
+    """Held-out loss, each process scoring its share of the examples.
+
+    Under a sharded strategy every forward pass needs every process, so the shares are made the same length
+    with copies of an example whose labels are all ignored (no loss, no tokens).
+    """
+    accelerator, world = run.accelerator, run.accelerator.num_processes
+    share = run.data.val[accelerator.process_index :: world]
+    if run.cfg.strategy in strategy.SHARDED and run.data.val:
+        blank = dataclasses.replace(run.data.val[0], labels=[IGNORE_INDEX] * len(run.data.val[0].labels))
+        share = share + [blank] * (math.ceil(len(run.data.val) / world) - len(share))
     reduce = functools.partial(accelerator.reduce, reduction="sum") if accelerator.num_processes > 1 else None
     pad = run.tokenizer.pad_token_id
     return run.objective.heldout(run.model, share, pad, run.cfg.batch_size, accelerator.device, reduce)

@@ -208,7 +208,8 @@ def parameter_counts(model: nn.Module) -> tuple[int, int]:
     if isinstance(model, PeftModel):
         return model.get_nb_trainable_parameters()  # counts 4-bit weights at their unpacked size
     params = list(model.parameters())  # unique tensors
-    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+    sizes = [(getattr(p, "ds_numel", p.numel()), p.requires_grad) for p in params]  # ZeRO-3: a shard's whole size
+    return sum(n for n, trains in sizes if trains), sum(n for n, _ in sizes)
 
 
 def as_base_model(model: nn.Module) -> AbstractContextManager[Any]:

@@ -120,9 +120,12 @@ def describe_start(
     )
 
 
-def save_trained(model: nn.Module, tokenizer: PreTrainedTokenizerBase, run_dir: Path) -> Path:
+def save_trained(
+    model: nn.Module, tokenizer: PreTrainedTokenizerBase, run_dir: Path, state_dict: dict[str, Any] | None = None
+) -> Path:
     """Save what the run trained and return its folder: `<run>/adapter` (HF PEFT format) or, for full
     fine-tuning, `<run>/model` with the tokenizer (a plain transformers folder, loaded with `--model`).
+    `state_dict`: the trained tensors gathered from a sharded engine, saved instead of the live parameters.
 
     Atomically: written beside the target, then renamed over it.
     """
@@ -130,7 +133,7 @@ def save_trained(model: nn.Module, tokenizer: PreTrainedTokenizerBase, run_dir: 
     target = run_dir / ("model" if full else "adapter")
     tmp = target.with_name(f".tmp-{target.name}")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)  # type: ignore[operator]
+    model.save_pretrained(tmp, **({} if state_dict is None else {"state_dict": state_dict}))  # type: ignore[operator]
     if full:
         tokenizer.save_pretrained(tmp)
     if target.exists():
@@ -148,9 +151,10 @@ def finish(
     cfg: TrainConfig,
     results: dict[str, Any],
     data: Dataset,
+    state_dict: dict[str, Any] | None = None,
 ) -> None:
     """Write the adapter (or model), eval.json and the plot; print the before/after summary."""
-    saved = save_trained(model, tokenizer, run_dir)
+    saved = save_trained(model, tokenizer, run_dir, state_dict)
     records = data.val_records[: cfg.eval_samples]
     if "after" in results:
         results["samples"] = [

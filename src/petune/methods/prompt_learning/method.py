@@ -242,10 +242,10 @@ class PromptLearning(Method):
     def state_dict(self, name: str, config: PeftConfig, module: nn.Module | None) -> dict[str, torch.Tensor]:
         """HF PEFT's `prompt_embeddings` (the encoder's output), plus the encoder's weights when it has more."""
         assert isinstance(module, VirtualTokenEncoder)
-        tensors = {"prompt_embeddings": module.outputs()}
-        if module.reparameterized:
-            tensors.update({ENCODER_PREFIX + key: value.detach() for key, value in module.state_dict().items()})
-        return tensors
+        # copies, read before the encoder runs: under DeepSpeed ZeRO-3 running it frees its gathered weights,
+        # and under FSDP2 they live in the engine's gathering buffer, which cannot be written out as such
+        weights = {ENCODER_PREFIX + k: v.detach().clone() for k, v in module.state_dict().items()}
+        return {"prompt_embeddings": module.outputs().clone(), **(weights if module.reparameterized else {})}
 
     def load_state_dict(
         self, name: str, config: PeftConfig, module: nn.Module | None, state_dict: dict[str, torch.Tensor]

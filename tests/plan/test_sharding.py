@@ -1,0 +1,82 @@
+"""`petune plan --strategy ... --nproc N [--offload ...]`: memory per device, anchored to the ZeRO paper's
+formulas (Rajbhandari et al. 2020, figure 1: mixed-precision Adam, K = 12) and to FSDP's full sharding."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+
+from petune.cli import main
+from petune.plan import ARCHITECTURES, Setup, plan
+from petune.plan.gpus import named_device
+from petune.plan.sharding import per_device
+
+PSI = 7_000_000_000  # Ψ trained parameters
+N = 8
+STATE = ("frozen_weights", "trainable_weights", "gradients", "optimizer_state")
+
+
+def model_states(strategy: str, offload: str = "none") -> int:
+    """Bytes of weights, gradients and optimizer state per device for full fine-tuning in bf16-mixed."""
+    one_device = {"frozen_weights": 0, "trainable_weights": 2 * PSI, "gradients": 2 * PSI, "optimizer_state": 12 * PSI}
+    arch = ARCHITECTURES["llama-2-7b"]
+    shards = per_device({**one_device, "activations": 0}, arch, strategy, N, offload, total_params=PSI)
+    gathered = shards["frozen_weights"]  # under zero3/fsdp: what is gathered whole for compute, beyond the shard
+    return sum(shards[k] for k in STATE) - gathered
+
+
+@pytest.mark.parametrize(
+    ("strategy", "expected"),
+    [("ddp", 16 * PSI), ("zero2", 2 * PSI + 14 * PSI // N), ("zero3", 16 * PSI // N), ("fsdp", 16 * PSI // N)],
+)
+def test_the_zero_paper_formulas(strategy: str, expected: int) -> None:
+    assert model_states(strategy) == pytest.approx(expected, abs=4)
+
+
+def test_offload_leaves_the_optimizer_state_or_everything_on_the_cpu() -> None:
+    assert model_states("zero2", "optimizer") == 2 * PSI + 2 * PSI // N
+    assert model_states("zero3", "params") == 2 * PSI // N  # only the gradients' shard stays
+
+
+def test_a_7b_lora_per_device(capsys: pytest.CaptureFixture[str]) -> None:
+    """The frozen base is divided by N under ZeRO-3 and FSDP (plus what is gathered for compute), not under
+    ddp or ZeRO-2; activations stay per device; --json keeps total_gb and fits."""
+    arch, device = ARCHITECTURES["llama-2-7b"], named_device("rtx4090")
+    one = plan(arch, Setup(method="lora"), device)
+    plans = {s: plan(arch, Setup(method="lora", strategy=s, nproc=N), device) for s in ("zero2", "zero3", "fsdp")}
+    assert plans["zero2"].components["frozen_weights"] == one.components["frozen_weights"]
+    for strategy in ("zero3", "fsdp"):
+        frozen = plans[strategy].components["frozen_weights"]
+        assert one.components["frozen_weights"] / N < frozen < one.components["frozen_weights"] / 2
+        assert plans[strategy].sizes["activations"] == one.sizes["activations"]
+    assert (
+        main(["plan", "--model", "llama-2-7b", "--method", "full", "--strategy", "zero3", "--nproc", "8", "--json"])
+        == 0
+    )
+    result = json.loads(capsys.readouterr().out)
+    assert {"total_gb", "fits"} <= result.keys() and (result["strategy"], result["nproc"]) == ("zero3", 8)
+    full_ddp = plan(arch, Setup(method="full"), device)
+    assert result["total_gb"] < full_ddp.total_bytes / 2**30 / 4
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--strategy", "zero9"], "--strategy 'zero9' is unknown"),
+        (["--strategy", "zero2", "--offload", "params"], "ZeRO-2 does not partition parameters"),
+        (["--offload", "optimizer"], "--offload needs a sharding strategy"),
+        (["--strategy", "fsdp", "--nproc", "0"], "--nproc must be at least 1"),
+    ],
+)
+def test_bad_strategy_input(flags: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["plan", "--model", "llama-2-7b", *flags]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_one_process_of_a_strategy_holds_what_one_device_does() -> None:
+    arch, device = ARCHITECTURES["llama-2-7b"], named_device("rtx4090")
+    one = plan(arch, Setup(method="lora"), device)
+    assert plan(arch, replace(Setup(method="lora"), strategy="zero2"), device).total_bytes == one.total_bytes
+    assert plan(arch, Setup(method="lora", strategy="fsdp"), device).total_bytes == one.total_bytes

@@ -1,0 +1,143 @@
+"""`--strategy zero2 | zero3 | fsdp`: DeepSpeed ZeRO and torch FSDP2 (through accelerate), 2 gloo processes.
+
+Each strategy trains the tiny Llama once (3 steps, a checkpoint at step 2) and the assertions share that run:
+the same adapter as one process with the same global batch, saved tensors whole, the frozen weights sharded,
+and a resume from the step-2 checkpoint that reaches the same bits. Tolerance against one process: 1e-5
+absolute (the processes sum the same gradients in another order; the adapter's entries are ~1e-2).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from petune import PeftModel
+from petune.cli import main
+from tests.train.test_loop import assert_same_adapter, assert_same_tensors
+from tests.train.tiny import tiny_args, trained_tensors
+
+QUICK = ["--eval-samples", "0", "--eval-before", "false", "--lora.target-modules", "all-linear", "--max-steps", "3"]
+STRATEGIES = ["zero2", "zero3", "fsdp"]
+CHECKPOINT = "step-00000002"
+
+
+def launch(args: list[str]) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run([sys.executable, "-m", "petune.cli", *args], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def one_process(tiny_model_dir: Path, tiny_data: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The reference: one process, no engine, global batch 4."""
+    run = tmp_path_factory.mktemp("engines") / "one"
+    assert main([*tiny_args(tiny_model_dir, tiny_data, run), *QUICK]) == 0
+    return run
+
+
+def engine_args(strategy: str, model: Path, data: tuple[Path, Path], run: Path) -> list[str]:
+    """2 processes of 2 examples each: the reference's global batch."""
+    return [*tiny_args(model, data, run), *QUICK, "--batch-size", "2", "--nproc", "2", "--strategy", strategy]
+
+
+@pytest.fixture(scope="module", params=STRATEGIES)
+def engine_run(
+    request: pytest.FixtureRequest,
+    tiny_model_dir: Path,
+    tiny_data: tuple[Path, Path],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> tuple[str, Path, str]:
+    """(strategy, run folder, what the run printed)."""
+    strategy = request.param
+    run = tmp_path_factory.mktemp(f"engine-{strategy}") / "run"
+    result = launch(engine_args(strategy, tiny_model_dir, tiny_data, run))
+    return strategy, run, result.stdout
+
+
+def test_two_processes_give_the_same_adapter_as_one(engine_run: tuple[str, Path, str], one_process: Path) -> None:
+    _, run, _ = engine_run
+    assert_same_adapter(one_process, run, atol=1e-5)
+
+
+def test_saved_tensors_are_whole_and_equal_the_gathered_parameters(
+    engine_run: tuple[str, Path, str], tiny_model_dir: Path
+) -> None:
+    """The checkpoint's adapter (HF PEFT format), loaded back, holds exactly the parameters the engine gathered."""
+    strategy, run, _ = engine_run
+    folder = run / "checkpoints" / CHECKPOINT
+    gathered = torch.load(folder / "trainer_state.pt", weights_only=False)["trainable"]
+    assert gathered and all(t.numel() > 0 for t in gathered.values())
+    for saved in (load_file(folder / "adapter_model.safetensors"), trained_tensors(run)):
+        assert saved and all(t.numel() > 0 for t in saved.values())
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    loaded = dict(PeftModel.from_pretrained(base, folder).named_parameters())
+    assert gathered.keys() <= loaded.keys()
+    for name, tensor in gathered.items():
+        shape = tuple(loaded[name].shape)
+        assert tuple(tensor.shape) == shape and tensor.numel() > 0, name
+        torch.testing.assert_close(loaded[name], tensor, atol=0, rtol=0, msg=f"{strategy}: {name}")
+
+
+def test_the_frozen_weights_are_sharded(engine_run: tuple[str, Path, str]) -> None:
+    strategy, _, out = engine_run
+    found = re.search(r"frozen weights held per process: ([\d.]+), ([\d.]+) MB of ([\d.]+) MB", out)
+    assert found, out
+    first, second, whole = map(float, found.groups())
+    expected = whole / 2 if strategy in ("zero3", "fsdp") else whole  # ZeRO-2 partitions no parameters
+    assert first == pytest.approx(expected, rel=0.02) and second == pytest.approx(expected, rel=0.02)
+
+
+def test_resume_continues_exactly(
+    engine_run: tuple[str, Path, str], tiny_model_dir: Path, tiny_data: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """The run as a kill after the step-2 checkpoint leaves it, resumed: the same final adapter, bit for bit."""
+    strategy, straight, _ = engine_run
+    run = Path(shutil.copytree(straight, tmp_path / "run"))
+    shutil.rmtree(run / "adapter")
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [CHECKPOINT]
+    assert (run / "checkpoints" / CHECKPOINT / ("fsdp" if strategy == "fsdp" else "deepspeed")).is_dir()
+    result = launch([*engine_args(strategy, tiny_model_dir, tiny_data, run), "--resume"])
+    assert f"resuming from {run / 'checkpoints' / CHECKPOINT} (step 2)" in result.stdout
+    assert_same_tensors(straight, run, atol=0)
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(steps) and steps.count(3) == 2  # step 3 and the final held-out loss, once each
+
+
+def test_resuming_under_another_strategy_is_refused(
+    engine_run: tuple[str, Path, str],
+    tiny_model_dir: Path,
+    tiny_data: tuple[Path, Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    strategy, straight, _ = engine_run
+    run = Path(shutil.copytree(straight, tmp_path / "run"))
+    args = [*tiny_args(tiny_model_dir, tiny_data, run), *QUICK, "--strategy", "ddp", "--nproc", "1", "--resume"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert (
+        f"was saved under --strategy {strategy} with 2 processes; resume it with --strategy {strategy} --nproc 2" in err
+    )
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [CHECKPOINT]  # nothing lost
+
+
+def test_p_tuning_under_zero3_saves_its_prompt_encoder_whole(
+    tiny_model_dir: Path, tiny_data: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """ZeRO-3 partitions the prompt encoder too (HF PEFT users got its tensors saved empty): every saved tensor
+    is whole and the adapter is the one-process adapter."""
+    method = ["--method", "ptuning", "--max-steps", "2"]
+    assert main([*tiny_args(tiny_model_dir, tiny_data, tmp_path / "one"), *QUICK, *method]) == 0
+    launch([*engine_args("zero3", tiny_model_dir, tiny_data, tmp_path / "two"), *method])
+    saved = trained_tensors(tmp_path / "two")
+    assert len(saved) > 1 and all(t.numel() > 0 for t in saved.values()), {k: t.shape for k, t in saved.items()}
+    assert_same_tensors(tmp_path / "one", tmp_path / "two", atol=1e-5)

@@ -1,0 +1,133 @@
+"""`--strategy`, `--offload` and `--deepspeed CONFIG.json`: the DeepSpeed config a run uses, and each mistake
+refused in one line (exit 2) before any process starts or any file is written."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from petune.cli import main
+from petune.train.config import build_config
+from petune.train.strategy import deepspeed_config
+
+ZERO2 = {"zero_optimization": {"stage": 2}}
+
+
+def refused(args: list[str], capsys: pytest.CaptureFixture[str], tmp_path: Path) -> str:
+    """The one-line error of `petune train ARGS`; nothing written to the run folder."""
+    run = tmp_path / "run"
+    assert main(["train", "--output", str(run), *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("petune train: error: "), err
+    assert not run.exists()
+    return err
+
+
+def write(tmp_path: Path, config: object) -> str:
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(config))
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--strategy", "zero9"], "--strategy 'zero9' is unknown; choose one of: ddp, fsdp, zero2, zero3"),
+        (["--offload", "disk", "--strategy", "zero3"], "--offload 'disk' is unknown"),
+        (["--offload", "optimizer"], "--offload needs a sharding strategy: add --strategy zero2, zero3 or fsdp"),
+        (["--strategy", "zero2", "--offload", "params"], "ZeRO-2 does not partition parameters"),
+        (["--strategy", "fsdp", "--offload", "optimizer"], "FSDP offloads parameters, gradients and optimizer"),
+        (["--strategy", "zero3", "--objective", "dpo"], "--objective dpo runs under --strategy ddp only"),
+        (["--strategy", "fsdp", "--method", "qlora"], "--method qlora runs under --strategy ddp only"),
+        (["--strategy", "zero3", "--method", "dora"], "use --strategy fsdp or zero2"),
+        (["--strategy", "fsdp", "--method", "full"], "use --strategy zero2 or zero3"),
+        (["--strategy", "fsdp", "--method", "ptuning"], "--method ptuning under --strategy fsdp is not supported"),
+        (["--strategy", "zero2", "--method", "adalora"], "--method adalora runs under --strategy ddp only"),
+    ],
+)
+def test_impossible_combinations_are_refused(
+    args: list[str], message: str, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    assert message in refused(args, capsys, tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("config", "flags", "message"),
+    [
+        (
+            {**ZERO2, "train_micro_batch_size_per_gpu": 4},
+            [],
+            "train_micro_batch_size_per_gpu is 4 but --batch-size is 8",
+        ),
+        (
+            {**ZERO2, "gradient_accumulation_steps": 2},
+            ["--grad-accum", "4"],
+            "gradient_accumulation_steps is 2 but --grad-accum",
+        ),
+        ({**ZERO2, "gradient_clipping": 0.5}, [], "gradient_clipping is 0.5 but --max-grad-norm is 1.0"),
+        (
+            {"zero_optimization": {"stage": 3}},
+            ["--strategy", "zero2"],
+            "zero_optimization.stage is 3, which contradicts",
+        ),
+        ({"zero_optimization": {"stage": 1}}, [], "zero_optimization.stage is 1; petune runs ZeRO stage 2 or 3"),
+        (
+            {"zero_optimization": {"stage": 3, "offload_param": {"device": "cpu"}}},
+            ["--offload", "optimizer"],
+            "zero_optimization.offload_param contradicts --offload optimizer",
+        ),
+        ({"zero_optimization": {"stage": 3}, "bf16": {"enabled": True}}, [], "bf16.enabled casts the trained tensors"),
+        ({"zero_optimization": {"stage": 2}, "optimizer": {"type": "Adam"}}, [], "remove the 'optimizer' section"),
+        ([1, 2], [], "must hold a JSON object"),
+    ],
+)
+def test_a_deepspeed_config_that_contradicts_the_flags_is_refused(
+    config: object, flags: list[str], message: str, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    err = refused(["--deepspeed", write(tmp_path, config), *flags], capsys, tmp_path)
+    assert message in err and "ds.json" in err
+
+
+def test_a_malformed_deepspeed_config_is_refused(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    path = tmp_path / "ds.json"
+    path.write_text('{"zero_optimization": {"stage": 3,}}')
+    assert "is not valid JSON" in refused(["--deepspeed", str(path)], capsys, tmp_path)
+    assert "none.json does not exist" in refused(["--deepspeed", str(tmp_path / "none.json")], capsys, tmp_path)
+
+
+def test_without_deepspeed_the_fix_is_named(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "deepspeed", None)  # as if not installed
+    assert "needs DeepSpeed: pip install 'petune[deepspeed]'" in refused(["--strategy", "zero3"], capsys, tmp_path)
+    assert main(["train", "--strategy", "fsdp", "--max-steps", "0"]) == 2  # FSDP2 is torch's: no DeepSpeed needed
+    assert "DeepSpeed" not in capsys.readouterr().err
+
+
+def test_the_deepspeed_config_is_the_users_with_the_flags_filled_in(tmp_path: Path) -> None:
+    user = {
+        "zero_optimization": {"stage": 3, "overlap_comm": True, "offload_param": {"device": "cpu"}},
+        "train_micro_batch_size_per_gpu": "auto",
+        "gradient_clipping": "auto",
+    }
+    cfg = build_config({"deepspeed": write(tmp_path, user), "batch_size": 2, "grad_accum": 3})
+    assert (cfg.strategy, cfg.offload) == ("zero3", "params")  # taken from the file
+    config = deepspeed_config(cfg, world=4)
+    assert config["zero_optimization"] == {
+        "stage": 3,
+        "overlap_comm": True,
+        "offload_param": {"device": "cpu"},
+        "offload_optimizer": {"device": "cpu"},
+    }
+    assert (config["train_micro_batch_size_per_gpu"], config["gradient_accumulation_steps"]) == (2, 3)
+    assert (config["train_batch_size"], config["gradient_clipping"]) == (24, 1.0)
+    assert config["zero_allow_untested_optimizer"] and config["bf16"] == {"enabled": False}
+
+
+def test_flags_alone_make_the_config() -> None:
+    config = deepspeed_config(build_config({"strategy": "zero2", "offload": "optimizer"}), world=2)
+    assert config["zero_optimization"] == {"stage": 2, "offload_optimizer": {"device": "cpu"}}
+    assert config["train_batch_size"] == 16
