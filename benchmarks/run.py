@@ -149,7 +149,9 @@ def step_table(args: argparse.Namespace, command: str, note: str) -> None:
             theirs = measure(
                 "peft", method, dtype, checkpointing, args.steps, args.peft_allocator, device, args.shape, batch=batch
             )
-            ours = measure("petune", method, dtype, checkpointing, args.steps, "mimalloc", device, args.shape, batch=batch)
+            ours = measure(
+                "petune", method, dtype, checkpointing, args.steps, "mimalloc", device, args.shape, batch=batch
+            )
             pairs.append((ours, theirs))
             print(case, ours, theirs, flush=True)
         keys = ("step_s", memory)

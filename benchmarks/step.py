@@ -88,16 +88,18 @@ def load_base(method: str, dtype: torch.dtype, device: str = "cpu", shape: str |
         kwargs["device_map"] = device
     if shape is None:
         return AutoModelForCausalLM.from_pretrained(embedded_model_dir(), **kwargs)
+    if method != "qlora":  # made where it runs: no 13 GB file for a 7B shape
+        return random_model(shape, device).to(dtype)
     with tempfile.TemporaryDirectory(prefix="petune-random-") as folder:  # removed once loaded (7B: 13 GB)
         save_random_model(shape, folder)
         return AutoModelForCausalLM.from_pretrained(folder, **kwargs)
 
 
-def save_random_model(shape: str, folder: str) -> None:
-    """Save a random bf16 Llama of a built-in `petune plan` shape (e.g. smollm2-135m, llama-2-7b) to `folder`.
+def random_model(shape: str, device: str) -> Any:
+    """A random bf16 Llama of a built-in `petune plan` shape (e.g. smollm2-135m, llama-2-7b) on `device`.
 
     For a machine without the embedded model (a GPU machine, which the 98 MB GGUF file cannot travel to): step
-    times and memory depend on the shape, not on the weights. Loading it as a file lets QLoRA quantise it.
+    times and memory depend on the shape, not on the weights.
     """
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -119,10 +121,15 @@ def save_random_model(shape: str, folder: str) -> None:
     torch.manual_seed(0)
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
-    model = model.to_empty(device="cpu").to(torch.bfloat16)
+    model = model.to_empty(device=device).to(torch.bfloat16)
     for parameter in model.parameters():  # norms' weights 1, the rest N(0, 0.02)
         torch.nn.init.ones_(parameter) if parameter.dim() == 1 else torch.nn.init.normal_(parameter, std=0.02)
-    model.save_pretrained(folder)
+    return model
+
+
+def save_random_model(shape: str, folder: str) -> None:
+    """`random_model(shape)` saved to `folder`: loading it as a file lets QLoRA quantise it."""
+    random_model(shape, "cpu").save_pretrained(folder)
 
 
 def wrapped(impl: str, method: str, model: Any) -> Any:

@@ -26,7 +26,7 @@ from petune.layers import (
     batch_adapters,
     replace_module,
 )
-from petune.loss_only import computes_loss_only, loss_only_forward
+from petune.loss_only import LossOnlyOutput, computes_loss_only, loss_only_forward
 from petune.methods import method_class
 from petune.methods.base import Method, base_generate
 from petune.quantization import keep_4bit_layers_trainable
@@ -252,7 +252,11 @@ class PeftModel(nn.Module):
         assert self._method is not None
         if computes_loss_only(self, args, kwargs):
             names = {} if adapter_names is None else {"adapter_names": adapter_names}
-            return loss_only_forward(self, args, {**kwargs, **names})
+            output = loss_only_forward(self, args, {**kwargs, **names})
+            penalty = self._method.penalty()  # what the method adds to a `labels=` loss (AdaLoRA's regulariser)
+            if penalty is not None and output.loss is not None:
+                output = LossOnlyOutput(loss=output.loss + penalty)
+            return output
         with self._routing(adapter_names):
             if self._disabled or self.active_adapter is None:
                 return self.base_model(*args, **kwargs)

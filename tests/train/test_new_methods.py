@@ -92,6 +92,7 @@ def test_prompt_tuning_starts_from_sampled_words_unless_told_otherwise() -> None
     with pytest.raises(petune.train.UserError, match="prompt-tuning-init-text"):
         peft_config(build_config({"method": "prompt"}, {"prompt.prompt_tuning_init": "TEXT"}), "unused")
 
+
 def test_adalora_defaults_follow_max_steps() -> None:
     config = peft_config(build_config({"method": "adalora", "max_steps": 50}), "unused")
     assert (config.total_step, config.tinit, config.tfinal) == (50, 5, 10)
