@@ -3,7 +3,7 @@
 # the petune-vs-peft step table on CUDA, on random weights in SmolLM2-135M's shape and in Llama-2-7B's (the
 # embedded model's 98 MB GGUF file cannot travel with the repository; step time and memory depend on the
 # shape, not on the weights). It uses the machine's own python3 with its torch, transformers, accelerate and
-# peft, and petune from src/. Not yet run on a GPU: no device has been lent to this project's tasks so far.
+# peft, and petune from src/. First run on an H200 on 2026-12-04 (BENCHMARKS.md).
 #
 #   bash benchmarks/gpu.sh                                             # on the device machine
 #   DEVICE=cpu SHAPES=smollm2-135m CASES=lora:bf16 STEPS=1 bash benchmarks/gpu.sh   # a dry run here

@@ -119,12 +119,13 @@ def random_model(shape: str, device: str) -> Any:
         max_position_embeddings=arch.max_position_embeddings,
     )
     torch.manual_seed(0)
-    with torch.device("meta"):
-        model = LlamaForCausalLM(config)
-    model = model.to_empty(device=device).to(torch.bfloat16)
-    for parameter in model.parameters():  # norms' weights 1, the rest N(0, 0.02)
-        torch.nn.init.ones_(parameter) if parameter.dim() == 1 else torch.nn.init.normal_(parameter, std=0.02)
-    return model
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)  # made in bf16 where it runs: never whole in fp32 there
+    try:
+        with torch.device(device):
+            return LlamaForCausalLM(config)  # transformers' init: norms' weights 1, the rest N(0, 0.02)
+    finally:
+        torch.set_default_dtype(default)
 
 
 def save_random_model(shape: str, folder: str) -> None:
@@ -203,7 +204,9 @@ def main() -> None:
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     model = load_base(args.method, dtype, args.device, args.shape)
     if args.checkpointing:
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        from petune.train.methods import enable_checkpointing  # either transformers name, as `petune train`
+
+        enable_checkpointing(model)
     model = wrapped(args.impl, args.method, model)
     if args.compile:  # one compiled graph shared by the identical layers; the first step pays for compiling
         for layer in model.get_base_model().model.layers:
