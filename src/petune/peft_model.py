@@ -164,6 +164,17 @@ class PeftModel(nn.Module):
             raise TypeError(f"update_and_allocate is AdaLoRA's; this model has {type(self._method).__name__} adapters")
         allocate(global_step)
 
+    def training_state(self) -> dict[str, Any]:
+        """What the method keeps between optimizer steps besides the trained tensors (AdaLoRA's importance
+        scores and rank pattern; empty for the others): `petune train`'s checkpoints save it."""
+        return getattr(self._method, "training_state", dict)()
+
+    def load_training_state(self, state: dict[str, Any]) -> None:
+        """Give back what `training_state` returned (a resumed run)."""
+        load = getattr(self._method, "load_training_state", None)
+        if load is not None:
+            load(state)
+
     @property
     def allocates_ranks(self) -> bool:
         """Whether `update_and_allocate` should run after each optimizer step (a trainable AdaLoRA adapter)."""

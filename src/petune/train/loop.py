@@ -35,8 +35,10 @@ from petune.train.methods import (
     as_base_model,
     learning_rate,
     load_base,
+    load_training_state,
     loss_penalty,
     trainable_model,
+    training_state,
 )
 from petune.train.objective import Objective, load_data, objective_for
 
@@ -128,6 +130,7 @@ def resume_or_score_base(run: Run) -> tuple[int, dict[str, Any]]:
         if state["global_batch"] != run.global_batch:
             raise UserError(f"{found} was made with a global batch of {state['global_batch']}, not {run.global_batch}")
         start_step = state["step"]
+        load_training_state(run.model, state.get("method_state", {}))
     elif main and cfg.eval_before and scores_by_generation(cfg) and run.data.val_records and "before" not in results:
         with as_base_model(run.model):
             results["before"] = accuracy(run.model, run.tokenizer, run.data.val_records[: cfg.eval_samples])
@@ -173,7 +176,8 @@ def train_steps(run: Run, start_step: int) -> None:
             if accelerator.is_main_process:
                 bar.write(f"step {done}: loss {row['loss']:.4f}, held-out loss {evaluation['loss']:.4f}")
         if cfg.save_every and done % cfg.save_every == 0:
-            extra = {"global_batch": run.global_batch, "examples_seen": done * run.global_batch}
+            extra: dict[str, Any] = {"global_batch": run.global_batch, "examples_seen": done * run.global_batch}
+            extra["method_state"] = training_state(run.model)
             rank, barrier = accelerator.process_index, accelerator.wait_for_everyone
             checkpoint.save(run.run_dir, done, run.engine, extra, rank, barrier, cfg.keep_checkpoints)
     bar.close()

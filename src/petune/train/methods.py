@@ -175,6 +175,17 @@ def after_optimizer_step(model: nn.Module, step: int) -> None:
         model.update_and_allocate(step)
 
 
+def training_state(model: nn.Module) -> dict[str, Any]:
+    """What the method carries between steps besides the trained tensors (AdaLoRA's importance scores), for a
+    checkpoint; empty for the others."""
+    return model.training_state() if isinstance(model, PeftModel) else {}
+
+
+def load_training_state(model: nn.Module, state: dict[str, Any]) -> None:
+    if isinstance(model, PeftModel):
+        model.load_training_state(state)
+
+
 def learning_rate(cfg: TrainConfig) -> float:
     return cfg.lr if cfg.lr is not None else METHODS[cfg.method].lr
 

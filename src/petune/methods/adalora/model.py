@@ -103,6 +103,25 @@ class AdaLora(LayerTuner):
                 }
             allocator.apply(config.rank_pattern)
 
+    def training_state(self) -> dict[str, Any]:
+        """What the allocator carries between steps besides the trained tensors (its smoothed importance scores
+        and the rank pattern so far): a checkpoint keeps it, so a resumed run masks as the uninterrupted one."""
+        if self.allocator is None:
+            return {}
+        allocator = self.allocator
+        return {
+            "sensitivity": dict(allocator.sensitivity),
+            "uncertainty": dict(allocator.uncertainty),
+            "rank_pattern": allocator.config.rank_pattern,
+        }
+
+    def load_training_state(self, state: dict[str, Any]) -> None:
+        if self.allocator is None or not state:
+            return
+        self.allocator.sensitivity = dict(state["sensitivity"])
+        self.allocator.uncertainty = dict(state["uncertainty"])
+        self.allocator.config.rank_pattern = state["rank_pattern"]
+
     def to_file(self, name: str, config: PeftConfig, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Only the kept triplets are saved: each layer's A rows, E entries and B columns that `rank_pattern`
         keeps (a layer already built at its kept rank is saved whole)."""

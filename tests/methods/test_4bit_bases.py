@@ -1,0 +1,84 @@
+"""Issue 21's methods on a 4-bit NF4 base where HF PEFT 0.21 supports one (its bitsandbytes layers exist for
+IA3 and AdaLoRA among them): adapters cross both ways with peft's logits on the same 4-bit base, and train."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+import petune
+from tests.test_qlora import IDS, model_dir
+
+bnb = pytest.importorskip("bitsandbytes")
+peft = pytest.importorskip("peft")
+
+__all__ = ["model_dir"]  # the module's fixture: a tiny Llama saved once
+
+
+def load_4bit(path: Path, dtype: torch.dtype = torch.float32) -> Any:
+    """fp32 compute for the comparisons with peft: its 4-bit IA3 layer returns fp32 keys and values in a bf16
+    model (outside autocast), which SDPA refuses; petune's trains in bf16 too (below)."""
+    nf4 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
+    return AutoModelForCausalLM.from_pretrained(path, quantization_config=nf4, dtype=dtype)
+
+
+def config(lib: Any, method: str) -> Any:
+    if method == "ia3":
+        return lib.IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"])
+    return lib.AdaLoraConfig(r=4, target_modules=["q_proj", "v_proj"], total_step=10, tinit=2, tfinal=2)
+
+
+def randomised(model: Any) -> Any:
+    """Trained-looking adapter values (both libraries start from the identity: ones, or zero B and E)."""
+    torch.manual_seed(5)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.requires_grad:
+                param.copy_(1 + 0.5 * torch.randn_like(param) if "ia3" in name else 0.3 * torch.randn_like(param))
+    return model
+
+
+def close(ours: torch.Tensor, theirs: torch.Tensor) -> bool:
+    return bool((ours - theirs).abs().max() <= 1e-4)
+
+
+@pytest.mark.parametrize("method", ["ia3", "adalora"])
+def test_adapters_on_a_4bit_base_cross_both_ways(model_dir: Path, tmp_path: Path, method: str) -> None:
+    ours = randomised(petune.get_peft_model(load_4bit(model_dir), config(petune, method))).eval()
+    layer = ours.base_model.model.layers[0].self_attn.v_proj.base_layer
+    assert isinstance(layer, bnb.nn.Linear4bit)
+    ours.save_pretrained(tmp_path / "ours")
+    theirs = peft.PeftModel.from_pretrained(load_4bit(model_dir), tmp_path / "ours").eval()
+    with torch.no_grad():
+        expected, base = ours(IDS).logits.float(), load_4bit(model_dir)(IDS).logits.float()
+        assert not close(expected, base), "the adapter changes nothing: the test would prove nothing"
+        assert close(expected, theirs(IDS).logits.float())
+
+    theirs = randomised(peft.get_peft_model(load_4bit(model_dir), config(peft, method))).eval()
+    theirs.save_pretrained(tmp_path / "theirs")
+    loaded = petune.PeftModel.from_pretrained(load_4bit(model_dir), tmp_path / "theirs").eval()
+    with torch.no_grad():
+        got = loaded(IDS).logits.float()
+        assert not close(got, base) and close(got, theirs(IDS).logits.float())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("method", ["ia3", "adalora"])
+def test_adapters_on_a_4bit_base_train_in_fp32(model_dir: Path, method: str, dtype: torch.dtype) -> None:
+    model = petune.get_peft_model(load_4bit(model_dir, dtype), config(petune, method)).train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-2)
+    losses = []
+    for step in range(5):
+        loss = model(IDS, labels=IDS).loss
+        loss.backward()
+        optimizer.step()
+        if method == "adalora":
+            model.update_and_allocate(step)
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
