@@ -41,6 +41,21 @@ def load_4bit(path):
 IDS = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(1))
 
 
+def train_losses(model, lr, steps=5, after_step=None):
+    """The loss of each of `steps` AdamW steps on IDS; `after_step(step)` after each optimizer step."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    losses = []
+    for step in range(steps):
+        loss = model(IDS, labels=IDS).loss
+        loss.backward()
+        optimizer.step()
+        if after_step is not None:
+            after_step(step)
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
 def test_dequantised_weight_survives_cpu_repacking(model_dir):
     layer = load_4bit(model_dir).model.layers[0].self_attn.q_proj
     before = dequantize_4bit(layer.weight).clone()
@@ -61,14 +76,7 @@ def test_qlora_matches_peft_and_trains(model_dir, tmp_path):
     theirs = peft.PeftModel.from_pretrained(load_4bit(model_dir), tmp_path)(IDS).logits.float()
     assert (ours - theirs).abs().max() <= 2e-2 * ours.abs().max()
 
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    losses = []
-    for _ in range(5):
-        loss = model(IDS, labels=IDS).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
+    losses = train_losses(model, lr=1e-2)
     assert losses[-1] < losses[0]
     assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
 

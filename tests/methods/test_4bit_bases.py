@@ -11,7 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 import petune
-from tests.test_qlora import IDS, model_dir
+from tests.test_qlora import IDS, model_dir, train_losses
 
 bnb = pytest.importorskip("bitsandbytes")
 peft = pytest.importorskip("peft")
@@ -70,15 +70,6 @@ def test_adapters_on_a_4bit_base_cross_both_ways(model_dir: Path, tmp_path: Path
 @pytest.mark.parametrize("method", ["ia3", "adalora"])
 def test_adapters_on_a_4bit_base_train_in_fp32(model_dir: Path, method: str, dtype: torch.dtype) -> None:
     model = petune.get_peft_model(load_4bit(model_dir, dtype), config(petune, method)).train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-2)
-    losses = []
-    for step in range(5):
-        loss = model(IDS, labels=IDS).loss
-        loss.backward()
-        optimizer.step()
-        if method == "adalora":
-            model.update_and_allocate(step)
-        optimizer.zero_grad()
-        losses.append(loss.item())
+    losses = train_losses(model, lr=5e-2, after_step=model.update_and_allocate if method == "adalora" else None)
     assert losses[-1] < losses[0]
     assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
