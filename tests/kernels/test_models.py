@@ -226,3 +226,20 @@ def test_deepcopy_rebinds_the_patched_forward() -> None:
     norm = twin.get_base_model().model.layers[0].input_layernorm
     assert vars(norm)["forward"].module is norm
     assert torch.equal(forward_backward(twin)[0], forward_backward(model)[0])
+    layer = twin.get_base_model().model.layers[0]
+    assert vars(norm)["forward"].layer is layer  # the whole model copied: the copied layer
+
+
+def test_copying_one_patched_module_copies_no_layer() -> None:
+    """LN tuning and modules_to_save copy single norms: the copy's forward keeps the original layer (it runs
+    inside it) instead of a private copy of the whole decoder layer (LN tuning on SmolLM2 held 60 of them,
+    +1.1 GB)."""
+    model = build_tiny_model("llama")
+    kernels.enable(model)
+    layer = model.model.layers[0]
+    twin = copy.deepcopy(layer.input_layernorm)
+    forward: Any = vars(twin)["forward"]
+    assert forward.module is twin and forward.layer is layer
+    wrapped_model = petune.get_peft_model(model, petune.LNTuningConfig(task_type="CAUSAL_LM"))
+    tuned = wrapped_model.get_base_model().model.layers[0].input_layernorm.adapters["default"].ln_tuning_layers
+    assert vars(tuned)["forward"].layer is layer
