@@ -251,9 +251,13 @@ def _four_bit(cfg: TrainConfig, dtype: torch.dtype) -> Any:
 
     if cfg.qlora.bnb_4bit_quant_type not in ("nf4", "fp4"):
         raise UserError(f"--qlora.bnb_4bit_quant_type must be nf4 or fp4, got {cfg.qlora.bnb_4bit_quant_type!r}")
+    # Sharded (the Answer.AI FSDP + QLoRA recipe): the packed 4-bit weights stored in the compute dtype, so that
+    # the engine partitions them like the other frozen tensors; bitsandbytes' own uint8 storage otherwise.
+    storage = {} if cfg.strategy == "ddp" else {"bnb_4bit_quant_storage": dtype}
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=cfg.qlora.bnb_4bit_quant_type,
         bnb_4bit_use_double_quant=cfg.qlora.bnb_4bit_use_double_quant,
         bnb_4bit_compute_dtype=dtype,
+        **storage,
     )

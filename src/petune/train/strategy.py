@@ -33,7 +33,7 @@ STRATEGIES = ("ddp", "fsdp", "zero2", "zero3")
 OFFLOADS = ("none", "optimizer", "params")
 SHARDED = ("fsdp", "zero3")  # the parameters themselves are partitioned across the processes
 # methods tested under the sharded engines (tests/train/test_engines.py); the others run under ddp
-SHARDED_METHODS = ("full", "lora", "rslora", "dora", "prompt", "ptuning", "prefix")
+SHARDED_METHODS = ("full", "lora", "rslora", "dora", "qlora", "prompt", "ptuning", "prefix")
 INSTALL = "pip install 'petune[deepspeed]'"
 
 
@@ -63,8 +63,6 @@ def check(cfg: TrainConfig) -> None:
         return
     if cfg.objective == "dpo":
         raise UserError(f"--objective dpo runs under --strategy ddp only, not {cfg.strategy}")
-    if cfg.method == "qlora":
-        raise UserError(f"--method qlora runs under --strategy ddp only, not {cfg.strategy} (4-bit weights)")
     if cfg.method not in SHARDED_METHODS:
         raise UserError(
             f"--method {cfg.method} runs under --strategy ddp only for now, not {cfg.strategy}; "
