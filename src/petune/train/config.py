@@ -246,7 +246,7 @@ class TrainConfig:
     lr: float | None = option(
         None,
         "peak learning rate; default: 1e-4 full, 2e-3 LoRA/LoHa/LoKr/HRA, 5e-3 OFT/BOFT, 1e-2 IA3/LN tuning/VeRA/"
-        "FourierFT/AdaLoRA, 3e-2 prompt methods",
+        "FourierFT/AdaLoRA/P-tuning, 3e-2 prompt and prefix tuning",
     )
     schedule: str = option("cosine", f"learning-rate schedule after warmup: {' | '.join(SCHEDULES)}")
     warmup_steps: int = option(3, "steps of linear warmup from 0 to --lr")
