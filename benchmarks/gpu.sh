@@ -11,7 +11,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/petune-gpu}
 DEVICE=${DEVICE:-cuda}
-SHAPES=${SHAPES:-smollm2-135m llama-2-7b}
+SHAPES=${SHAPES-smollm2-135m llama-2-7b}  # SHAPES= (empty) skips the step table
 CASES=${CASES:-lora:bf16 lora_all:bf16 prompt:bf16 prefix:bf16 lora:bf16:ckpt prefix:bf16:ckpt}
 STEPS=${STEPS:-10}
 PYTHON=${PYTHON:-python3}
@@ -30,6 +30,17 @@ for shape in $SHAPES; do
         --cases $CASES --out "$OUT/$shape.md" 2>&1 | tee "$OUT/$shape.log"
 done
 for shape in $SHAPES; do tail -n +7 "$OUT/$shape.md"; done
+
+# Issue 20: the library path (`model(**batch, labels=...).loss.backward()` on both sides) in bf16 on CUDA, the
+# SmolLM2 shape first (issue 20's target model), then the Llama-2-7B shape. LIBRARY=0 skips it; LIBRARY_SHAPES,
+# LIBRARY_REPEATS choose.
+if [ "${LIBRARY:-1}" = 1 ]; then
+    for shape in ${LIBRARY_SHAPES:-smollm2-135m llama-2-7b}; do
+        "$PYTHON" benchmarks/library_path.py --device "$DEVICE" --shape "$shape" --allocators system \
+            --cases lora:bf16 prefix:bf16 prompt:bf16 --steps "$STEPS" --repeats "${LIBRARY_REPEATS:-2}" \
+            --out "$OUT/library-$shape.md" 2>&1 | tee "$OUT/library-$shape.log"
+    done
+fi
 
 # Issue 18, prepared, not yet run on a machine of several GPUs (the one lent so far had one GPU, and no
 # DeepSpeed or bitsandbytes installed): LoRA and QLoRA on a Llama-2-7B-shape model (random bf16 weights, made

@@ -38,7 +38,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1, help="fresh-process runs per side, alternating")
     parser.add_argument("--out", type=Path, default=run.HERE.parent / "BENCHMARKS.md")
     parser.add_argument("--note", default="", help="said after the command (e.g. the machine's load)")
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda: peak GPU memory, allocator moot")
+    parser.add_argument("--shape", help="random weights in this `petune plan` model's shape (what a GPU run uses)")
     args = parser.parse_args()
+    memory = "peak_gpu_mb" if args.device.startswith("cuda") else "peak_rss_mb"
 
     rows = []
     for allocator in args.allocators:
@@ -47,26 +50,39 @@ def main() -> None:
             runs: list[tuple[dict[str, Any], dict[str, Any]]] = []
             for _ in range(args.repeats):
                 sides = [
-                    run.measure(impl, method, dtype, False, args.steps, allocator, "cpu", None, loop="library")
+                    run.measure(
+                        impl, method, dtype, False, args.steps, allocator, args.device, args.shape, loop="library"
+                    )
                     for impl in ("peft", "petune")
                 ]
                 print(allocator, case, sides, flush=True)
                 runs.append((sides[1], sides[0]))
-            ours, theirs = (run.median_of([pair[side] for pair in runs], ("step_s", "peak_rss_mb")) for side in (0, 1))
+            ours, theirs = (run.median_of([pair[side] for pair in runs], ("step_s", memory)) for side in (0, 1))
             steps = [o["step_s"] / t["step_s"] for o, t in runs if "step_s" in o and "step_s" in t]
-            rows.append(row(method, dtype, allocator, ours, theirs, steps))
+            rows.append(row(method, dtype, allocator, ours, theirs, steps, memory))
 
     command = e2e_trl.command_line("benchmarks/library_path.py", sys.argv[1:])
     note = stamped(args.note)
+    gpu = memory == "peak_gpu_mb"
+    section = SECTION + (" (GPU)" if gpu else "")
+    where = f"{args.device} ({gpu_name()})" if gpu else f"{platform.machine()}, {os.cpu_count()} CPU cores"
+    model = (
+        f"Random weights in the shape of {args.shape}" if args.shape else "SmolLM2-135M-Instruct (the embedded model)"
+    )
+    peak = (
+        "peak GPU memory (torch.cuda.max_memory_allocated) of a fresh process per measurement"
+        if gpu
+        else "peak RSS of a fresh process per measurement (model loading included)"
+    )
     lines = [
-        SECTION,
+        section,
         "",
-        f"Measured {time.strftime('%Y-%m-%d')} on {platform.machine()}, {os.cpu_count()} CPU cores, Python "
-        f"{platform.python_version()}. SmolLM2-135M-Instruct (the embedded model), batch 4 x 256 random tokens, "
+        f"Measured {time.strftime('%Y-%m-%d')} on {where}, Python "
+        f"{platform.python_version()}. {model}, batch 4 x 256 random tokens, "
         "labels = inputs, AdamW; the same loop on both sides: `loss = model(**batch, labels=labels).loss; "
         "loss.backward()`. Median of the measured steps after one warm-up step"
         + (f", then of {args.repeats} runs per side" if args.repeats > 1 else "")
-        + "; peak RSS of a fresh process per measurement (model loading included). Both sides of a row run on "
+        + f"; {peak}. Both sides of a row run on "
         "the same allocator.",
         "",
         f"Command: `{command}`" + (f" ({note})" if note else ""),
@@ -79,14 +95,25 @@ def main() -> None:
         f"targets: issue 20's, petune / peft on the same allocator: step time <= {TARGET_STEP}x, peak memory <= "
         f"{TARGET_MEMORY}x.",
     ]
-    write_section(args.out, SECTION, "\n".join(lines) + "\n")
+    write_section(args.out, section, "\n".join(lines) + "\n")
     print(f"wrote {args.out}")
 
 
+def gpu_name() -> str:
+    import torch
+
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
+
+
 def row(
-    method: str, dtype: str, allocator: str, ours: dict[str, Any], theirs: dict[str, Any], steps: list[float]
+    method: str,
+    dtype: str,
+    allocator: str,
+    ours: dict[str, Any],
+    theirs: dict[str, Any],
+    steps: list[float],
+    memory: str = "peak_rss_mb",
 ) -> str:
-    memory = "peak_rss_mb"
     verdicts = [
         run.verdict("step", ours, theirs, "step_s", TARGET_STEP),
         run.verdict("memory", ours, theirs, memory, TARGET_MEMORY),
