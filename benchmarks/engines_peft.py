@@ -39,6 +39,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, get_cosine_schedul
 
 from petune.embedded import embedded_model_dir
 from petune.train.data import collate, load_dataset
+from petune.train.engines import frozen_bytes
 
 LR, WARMUP, MAX_GRAD_NORM, SEED = 2e-3, 3, 1.0, 0  # petune train's defaults for LoRA
 LORA = {"r": 8, "lora_alpha": 16.0, "lora_dropout": 0.0}
@@ -132,6 +133,8 @@ def main() -> None:
     scheduler = get_cosine_schedule_with_warmup(optimizer, WARMUP, args.steps)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     model.train()
+    held, total = frozen_bytes(accelerator.unwrap_model(model))  # as `petune train` prints it: is the base sharded?
+    print(f"process {rank}: frozen weights held {held / 1e6:.2f} MB of {total / 1e6:.2f} MB", flush=True)
     rows = []
     for step in range(args.steps):
         started = time.perf_counter()
