@@ -34,6 +34,22 @@ def run_case(strategy: str, nproc: int, steps: int, folder: Path, model: str | N
     args += ["--eval-samples", "0", "--eval-before", "false", "--eval-every", "0", "--save-every", "0"]
     args += ["--strategy", strategy, "--nproc", str(nproc)]
     process = subprocess.Popen([sys.executable, "-m", "petune.cli", *args], stdout=subprocess.DEVNULL)
+    peaks = sample_peaks(process)
+    if process.returncode != 0:
+        raise SystemExit(f"{strategy} x {nproc} failed ({process.returncode})")
+    return summarize(peaks, nproc, output / "metrics.jsonl")
+
+
+def summarize(peaks: dict[int, int], nproc: int, metrics: Path) -> dict[str, float]:
+    """The largest peak RSS of the `nproc` training processes, and the median tokens/s after the first step."""
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    speeds = [r["tokens_per_s"] for r in rows if "tokens_per_s" in r][1:]
+    training = sorted(peaks.values())[-nproc:]  # the launcher itself holds no model
+    return {"peak_rss_mb": max(training) / 1e6, "tokens_per_s": statistics.median(speeds)}  # the global batch's rate
+
+
+def sample_peaks(process: subprocess.Popen[bytes]) -> dict[int, int]:
+    """Peak RSS (bytes) of `process` and of every process it starts, by pid, sampled every 0.1 s until it exits."""
     peaks: dict[int, int] = {}
     parent = psutil.Process(process.pid)
     while process.poll() is None:
@@ -45,12 +61,8 @@ def run_case(strategy: str, nproc: int, steps: int, folder: Path, model: str | N
             with contextlib.suppress(psutil.NoSuchProcess):
                 peaks[member.pid] = max(peaks.get(member.pid, 0), member.memory_info().rss)
         time.sleep(0.1)
-    if process.returncode != 0:
-        raise SystemExit(f"{strategy} x {nproc} failed ({process.returncode})")
-    rows = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
-    speeds = [r["tokens_per_s"] for r in rows if "tokens_per_s" in r][1:]
-    training = sorted(peaks.values())[-nproc:]  # the launcher itself holds no model
-    return {"peak_rss_mb": max(training) / 1e6, "tokens_per_s": statistics.median(speeds)}  # the global batch's rate
+    process.wait()
+    return peaks
 
 
 def main() -> None:
