@@ -144,6 +144,9 @@ def test_resuming_under_another_strategy_is_refused(
     [
         ("ptuning", "zero3", 1e-5),
         ("dora", "zero3", 1e-5),
+        ("prompt", "fsdp", 1e-5),
+        ("ptuning", "fsdp", 1e-5),
+        ("prefix", "fsdp", 1e-5),
     ],
 )
 def test_a_method_trains_sharded_as_on_one_process(

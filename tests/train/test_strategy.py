@@ -42,7 +42,6 @@ def write(tmp_path: Path, config: object) -> str:
         (["--strategy", "fsdp", "--offload", "optimizer"], "FSDP offloads parameters, gradients and optimizer"),
         (["--strategy", "zero3", "--objective", "dpo"], "--objective dpo runs under --strategy ddp only"),
         (["--strategy", "fsdp", "--method", "full"], "use --strategy zero2 or zero3"),
-        (["--strategy", "fsdp", "--method", "ptuning"], "--method ptuning under --strategy fsdp is not supported"),
         (["--strategy", "zero2", "--method", "adalora"], "--method adalora runs under --strategy ddp only"),
     ],
 )
