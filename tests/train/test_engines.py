@@ -147,6 +147,7 @@ def test_resuming_under_another_strategy_is_refused(
         ("prompt", "fsdp", 1e-5),
         ("ptuning", "fsdp", 1e-5),
         ("prefix", "fsdp", 1e-5),
+        ("full", "fsdp", 1e-5),
     ],
 )
 def test_a_method_trains_sharded_as_on_one_process(

@@ -68,8 +68,6 @@ def check(cfg: TrainConfig) -> None:
             f"--method {cfg.method} runs under --strategy ddp only for now, not {cfg.strategy}; "
             f"sharded strategies train: {', '.join(SHARDED_METHODS)}"
         )
-    if cfg.method == "full" and cfg.strategy == "fsdp":
-        raise UserError("--method full under --strategy fsdp is not supported yet: use --strategy zero2 or zero3")
     if is_deepspeed(cfg.strategy) and not has_deepspeed():
         raise UserError(f"--strategy {cfg.strategy} needs DeepSpeed: {INSTALL}")
 
