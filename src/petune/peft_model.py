@@ -370,16 +370,19 @@ class PeftModel(nn.Module):
 
         The `default` adapter goes into `save_directory`, any other into `save_directory/<name>`,
         as HF PEFT does. Weights are written atomically. A `state_dict=` keyword (what `Trainer` passes) supplies
-        the adapter layers' tensors (see `adapter_state_dict`).
+        the adapter layers' tensors (see `adapter_state_dict`). Every process computes the tensors, as HF PEFT's
+        does, and only the main one writes: a prompt method's are its encoder's output, and under DeepSpeed ZeRO-3
+        running the encoder is a forward that every process must take part in.
         """
         if not safe_serialization:
             raise ValueError("petune writes safetensors only (pickle files can run code when loaded)")
-        if not is_main_process:
-            return
         for name in selected_adapters or list(self.peft_config):
             self._check_exists(name)
+            tensors = self.adapter_state_dict(name, kwargs.get("state_dict"))
+            if not is_main_process:
+                continue
             directory = Path(save_directory) if name == "default" else Path(save_directory) / name
-            io.save_tensors(self.adapter_state_dict(name, kwargs.get("state_dict")), directory / io.WEIGHTS_NAME)
+            io.save_tensors(tensors, directory / io.WEIGHTS_NAME)
             config = copy.deepcopy(self.peft_config[name])
             config.inference_mode = True
             config.save_pretrained(directory)

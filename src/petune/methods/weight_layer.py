@@ -8,6 +8,7 @@ a merged layer only runs the merged adapter. `DeltaLayer` is the additive case: 
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from typing import Any
 
@@ -39,6 +40,26 @@ class WeightLayer(AdapterLayer):
         if is_4bit(weight):
             weight = dequantize_4bit(weight)
         return weight.T if self.fan_in_fan_out else weight
+
+    def whole_base_weight(self) -> contextlib.AbstractContextManager[Any]:
+        """A block in which `base_weight()` is whole: DeepSpeed ZeRO-3 keeps it partitioned outside the base
+        layer's own forward, so it is gathered on every process (read only); a no-op otherwise."""
+        weight = self.base_layer.weight
+        if not hasattr(weight, "ds_id"):
+            return contextlib.nullcontext()
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters([weight])
+
+    def use_base_weight_in_forward(self) -> None:
+        """This layer's forward reads `base_weight()` beyond the base layer's forward: under ZeRO-3 the weight is
+        registered as an external parameter of this layer, so that DeepSpeed gathers it for this layer's forward
+        and backward (and frees it after); a no-op otherwise."""
+        weight = self.base_layer.weight
+        if hasattr(weight, "ds_id"):
+            import deepspeed
+
+            deepspeed.zero.register_external_parameter(self, weight)
 
     def _set_base_weight(self, weight: torch.Tensor) -> None:
         """Overwrite the frozen weight with `weight` (out, in), in the base layer's storage and dtype."""

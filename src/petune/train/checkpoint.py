@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from petune import files
+from petune import PeftModel, files
 from petune.files import FileError
 from petune.train import UserError
 from petune.train.engines import Engine
@@ -81,8 +81,8 @@ def save(run_dir: Path, step: int, engine: Engine, extra: dict[str, Any], rank: 
     torch.save(rng_state(), tmp / f"rng-rank{rank}.pt")
     extra = {**extra, "strategy": engine.strategy, "processes": engine.world}
     with engine.gathered() as tensors:
+        save_trained_tensors(engine, tensors, tmp, main=rank == 0)
         if rank == 0:
-            save_trained_tensors(engine, tensors, tmp)
             optimizer = {} if engine.saves_state else engine.optimizer.state_dict()
             state = {"step": step, "trainable": {k: v.clone() for k, v in tensors.items()}, "optimizer": optimizer}
             torch.save({**state, **extra}, tmp / STATE_NAME)
@@ -99,11 +99,15 @@ def save(run_dir: Path, step: int, engine: Engine, extra: dict[str, Any], rank: 
     return final
 
 
-def save_trained_tensors(engine: Engine, tensors: dict[str, torch.Tensor], folder: Path) -> None:
-    """The adapter (HF PEFT format), or a full run's model, from the gathered trained tensors."""
-    if engine.saves_state:  # the live parameters may be shards: the gathered tensors are what is saved
+def save_trained_tensors(engine: Engine, tensors: dict[str, torch.Tensor], folder: Path, main: bool) -> None:
+    """The adapter (HF PEFT format), or a full run's model, from the gathered trained tensors; written by the
+    `main` process. Every process calls it: a sharded engine's adapter is computed on each (a prompt method runs
+    its encoder, a forward every ZeRO-3 process must take part in), as HF Trainer saves."""
+    if engine.saves_state and isinstance(engine.model, PeftModel):
+        engine.model.save_pretrained(folder, state_dict=tensors, is_main_process=main)
+    elif main and engine.saves_state:  # the live parameters may be shards: the gathered tensors are what is saved
         engine.model.save_pretrained(folder, state_dict=tensors)  # type: ignore[operator]
-    else:
+    elif main:
         engine.model.save_pretrained(folder)  # type: ignore[operator]
 
 

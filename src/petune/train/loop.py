@@ -234,6 +234,8 @@ def finish(run: Run, results: dict[str, Any]) -> dict[str, Any]:
                 results["after"] = accuracy(run.model, run.tokenizer, run.data.val_records[: cfg.eval_samples])
             state = tensors if run.engine.saves_state else None
             report.finish(run.run_dir, run.model, run.tokenizer, cfg, results, run.data, state)
+        else:  # takes part in what the main process's save computes (see checkpoint.save_trained_tensors)
+            checkpoint.save_trained_tensors(run.engine, tensors, run.run_dir / "adapter", main=False)
     run.accelerator.wait_for_everyone()
     return results
 

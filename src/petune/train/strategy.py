@@ -68,15 +68,6 @@ def check(cfg: TrainConfig) -> None:
             f"--method {cfg.method} runs under --strategy ddp only for now, not {cfg.strategy}; "
             f"sharded strategies train: {', '.join(SHARDED_METHODS)}"
         )
-    if cfg.method == "dora" and cfg.strategy == "zero3":
-        raise UserError(
-            "--method dora reads each whole base weight for its norm, which ZeRO-3 keeps partitioned outside the "
-            "layer's own forward: use --strategy fsdp or zero2"
-        )
-    if cfg.method in ("prompt", "ptuning", "prefix") and cfg.strategy == "fsdp":
-        raise UserError(f"--method {cfg.method} under --strategy fsdp is not supported yet: use --strategy zero3")
-    if cfg.method == "full" and cfg.strategy == "fsdp":
-        raise UserError("--method full under --strategy fsdp is not supported yet: use --strategy zero2 or zero3")
     if is_deepspeed(cfg.strategy) and not has_deepspeed():
         raise UserError(f"--strategy {cfg.strategy} needs DeepSpeed: {INSTALL}")
 

@@ -59,7 +59,9 @@ class LoraLayer(WeightLayer):
         with torch.no_grad():
             self._init_weights(adapter, init)
             if adapter.lora_magnitude_vector is not None:
-                adapter.lora_magnitude_vector.copy_(self._dora_weight_norm(adapter))
+                with self.whole_base_weight():
+                    adapter.lora_magnitude_vector.copy_(self._dora_weight_norm(adapter))
+                self.use_base_weight_in_forward()  # DoRA's norm, every forward
 
     def _init_weights(self, adapter: LoraAdapter, init: Any) -> None:
         if init is False:

@@ -243,8 +243,10 @@ class PromptLearning(Method):
         """HF PEFT's `prompt_embeddings` (the encoder's output), plus the encoder's weights when it has more."""
         assert isinstance(module, VirtualTokenEncoder)
         # copies, read before the encoder runs: under DeepSpeed ZeRO-3 running it frees its gathered weights,
-        # and under FSDP2 they live in the engine's gathering buffer, which cannot be written out as such
-        weights = {ENCODER_PREFIX + k: v.detach().clone() for k, v in module.state_dict().items()}
+        # and under FSDP2 they live in the engine's gathering buffer, which cannot be written out as such. Read as
+        # parameters, not `state_dict()`: FSDP2's state-dict hook would put the sharded DTensors back in place.
+        live = {**dict(module.named_parameters()), **dict(module.named_buffers())}
+        weights = {ENCODER_PREFIX + k: v.detach().clone() for k, v in live.items()}
         return {"prompt_embeddings": module.outputs().clone(), **(weights if module.reparameterized else {})}
 
     def load_state_dict(
