@@ -138,6 +138,10 @@ ADAPTERS = {
         petune.PromptEncoderConfig(num_virtual_tokens=5, encoder_hidden_size=16),
     ),
     "prefix": (Setup(method="prefix", virtual_tokens=5), petune.PrefixTuningConfig(num_virtual_tokens=5)),
+    "prefix projection": (
+        Setup(method="prefix", virtual_tokens=5, encoder_hidden_size=16, prefix_projection=True),
+        petune.PrefixTuningConfig(num_virtual_tokens=5, prefix_projection=True, encoder_hidden_size=16),
+    ),
 }
 
 

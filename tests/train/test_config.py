@@ -34,6 +34,9 @@ def test_comma_lists_and_none() -> None:
     assert learning_rate(cfg) == 2e-3
     assert learning_rate(build_config({"method": "prompt"})) == 3e-2
     assert learning_rate(build_config({"method": "ptuning"})) == 1e-2  # BENCHMARKS.md: 35% vs 1.7% at 3e-2
+    prefix = build_config({"method": "prefix"})  # BENCHMARKS.md: 88.3% vs 6.7% for the bare table at 3e-2
+    assert prefix.prefix.prefix_projection and learning_rate(prefix) == 2e-3
+    assert learning_rate(build_config({"method": "prefix", "prefix.prefix_projection": False})) == 3e-2
 
 
 @pytest.mark.parametrize(

@@ -146,12 +146,11 @@ def _trainable_params(run_dir: Path) -> int | None:
             lora_targets=parse_targets(",".join(targets)) if method not in LAYER_METHODS else ("q_proj", "v_proj"),
             virtual_tokens=int(options.get("num_virtual_tokens", 20)),
             encoder_hidden_size=int(options.get("encoder_hidden_size", 128)),
+            prefix_projection=bool(options.get("prefix_projection", False)),
             options=type(getattr(TrainConfig(), method))(**options) if method in LAYER_METHODS else None,
         )
     except (UserError, OSError, TypeError):
         return None
-    if method == "prefix" and options.get("prefix_projection"):
-        return None  # the plan counts prefix tuning without its projection MLP
     return adapter_params(arch, setup)
 
 

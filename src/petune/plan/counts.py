@@ -54,7 +54,8 @@ def adapter_params(arch: Architecture, setup: Setup) -> int:
 
     LoRA (Hu et al. 2021): A (r x in) and B (out x r) per adapted linear: r (in + out); DoRA (Liu et al. 2024)
     adds a magnitude per output row. Prompt tuning: V x hidden; p-tuning: that table plus its 3-layer MLP
-    (hidden -> e -> e -> hidden, with biases); prefix tuning (no projection): V x layers x 2 x kv width.
+    (hidden -> e -> e -> hidden, with biases); prefix tuning: V x layers x 2 x kv width, or with its projection
+    a V x kv width table and its MLP (kv width -> e -> layers x 2 x kv width, with biases).
     IA3 ... AdaLoRA: `petune.plan.adapters`.
     """
     method, virtual, h = setup.method, setup.virtual_tokens, arch.hidden_size
@@ -73,7 +74,11 @@ def adapter_params(arch: Architecture, setup: Setup) -> int:
     if method == "ptuning":
         e = setup.encoder_hidden_size
         return virtual * h + (h * e + e) + (e * e + e) + (e * h + h)
-    return virtual * arch.num_layers * 2 * arch.kv_dim  # prefix
+    width = arch.num_layers * 2 * arch.kv_dim  # prefix
+    if setup.prefix_projection:
+        e, kv = setup.encoder_hidden_size, arch.kv_dim
+        return virtual * kv + (kv * e + e) + (e * width + width)
+    return virtual * width
 
 
 def largest_trainable_tensor(arch: Architecture, setup: Setup) -> int:

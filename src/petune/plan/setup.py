@@ -37,7 +37,8 @@ class Setup:
     lora_r: int = 8
     lora_targets: tuple[str, ...] = ("q_proj", "v_proj")  # or LINEAR_NAMES for all-linear
     virtual_tokens: int = 20
-    encoder_hidden_size: int = 128  # p-tuning's MLP
+    encoder_hidden_size: int = 128  # p-tuning's MLP, or prefix tuning's projection MLP
+    prefix_projection: bool = False  # prefix tuning: the prefix comes from a (V, kv width) table through an MLP
     loss_chunk: int = 256  # label positions whose logits petune's loss computes at once (petune.loss.CHUNK_SIZE)
     options: Any = None  # LAYER_METHODS: the method's `petune train` option section; None: train's defaults
     strategy: str = "ddp"  # how `nproc` devices share the model (petune.plan.sharding)
