@@ -80,3 +80,31 @@ def test_one_process_of_a_strategy_holds_what_one_device_does() -> None:
     one = plan(arch, Setup(method="lora"), device)
     assert plan(arch, replace(Setup(method="lora"), strategy="zero2"), device).total_bytes == one.total_bytes
     assert plan(arch, Setup(method="lora", strategy="fsdp"), device).total_bytes == one.total_bytes
+
+
+def test_fsdp_holds_the_all_gather_buffer_beside_the_unsharded_parameters() -> None:
+    """FSDP2 all-gathers into a flat buffer and copies it into the unsharded parameters; ZeRO-3 gathers in place."""
+    arch, device = ARCHITECTURES["smollm2-135m"], named_device("rtx4090")
+    zero3, fsdp = (plan(arch, Setup(method="lora", strategy=s, nproc=2), device) for s in ("zero3", "fsdp"))
+    one = plan(arch, Setup(method="lora"), device)
+    whole = one.components["frozen_weights"] + one.components["trainable_weights"]
+    from petune.plan.sharding import gathered_bytes
+
+    gathered = gathered_bytes(arch, whole, one.total_params)
+    assert fsdp.components["frozen_weights"] - zero3.components["frozen_weights"] == gathered
+
+
+def test_deepspeed_is_in_a_cpu_process_of_zero2_and_zero3(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a CPU the plan adds what DeepSpeed's import and process group take (measured once per install)."""
+    from petune.plan import memory, overhead
+
+    monkeypatch.setattr(memory, "engine_overhead_bytes", lambda strategy: 123 * 2**20 if "zero" in strategy else 0)
+    arch, cpu, gpu = ARCHITECTURES["smollm2-135m"], named_device("cpu"), named_device("rtx4090")
+    for device, extra in ((cpu, 123 * 2**20), (gpu, 0)):
+        ddp = plan(arch, Setup(method="lora", nproc=2), device).components["framework_overhead"]
+        for strategy in ("zero2", "zero3"):
+            assert (
+                plan(arch, Setup(method="lora", strategy=strategy, nproc=2), device).components["framework_overhead"]
+                == ddp + extra
+            )
+    assert overhead.engine_overhead_bytes("ddp") == overhead.engine_overhead_bytes("fsdp") == 0

@@ -28,6 +28,7 @@ from petune.kernels import attention, enabled_by_default
 from petune.plan.architectures import Architecture
 from petune.plan.counts import adapter_params, largest_trainable_tensor, linear_shapes, total_params
 from petune.plan.gpus import Device
+from petune.plan.overhead import engine_overhead_bytes
 from petune.plan.setup import OPTIMIZER_STATES, Setup
 from petune.plan.sharding import per_device
 
@@ -234,7 +235,9 @@ def plan(arch: Architecture, setup: Setup, device: Device) -> Plan:
     fixed = {
         "frozen_weights": frozen,
         "trainable_weights": trainable_weights,
-        "framework_overhead": device.overhead_bytes,
+        # on a CPU the engine's library is in the process too (DeepSpeed: measured, `engine_overhead_bytes`)
+        "framework_overhead": device.overhead_bytes
+        + (engine_overhead_bytes(setup.strategy) if device.kind == "cpu" else 0),
     }
     backward_start = {
         **fixed,
