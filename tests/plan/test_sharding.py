@@ -108,3 +108,20 @@ def test_deepspeed_is_in_a_cpu_process_of_zero2_and_zero3(monkeypatch: pytest.Mo
                 == ddp + extra
             )
     assert overhead.engine_overhead_bytes("ddp") == overhead.engine_overhead_bytes("fsdp") == 0
+
+
+def test_zero3_on_a_cpu_peaks_where_process_0_reads_the_whole_checkpoint(monkeypatch: pytest.MonkeyPatch) -> None:
+    """transformers loads a ZeRO-3 model by reading the whole checkpoint in process 0, beside its shards: on a CPU
+    that is the plan's peak when activations are small; on a GPU the checkpoint is in host memory, not counted."""
+    from petune.plan import memory
+
+    monkeypatch.setattr(memory, "engine_overhead_bytes", lambda strategy: 0)
+    arch, cpu, gpu = ARCHITECTURES["smollm2-135m"], named_device("cpu"), named_device("rtx4090")
+    setup = Setup(method="lora", strategy="zero3", nproc=2, batch_size=1, seq_len=16)
+    loading = plan(arch, setup, cpu)
+    one = plan(arch, Setup(method="lora", batch_size=1, seq_len=16), cpu)
+    assert loading.peak_phase == "model load"
+    shards = loading.components["frozen_weights"] - one.components["frozen_weights"]  # what it holds besides the file
+    assert 0 < shards < one.components["frozen_weights"]
+    assert plan(arch, setup, gpu).peak_phase != "model load"
+    assert plan(arch, replace(setup, strategy="fsdp"), cpu).peak_phase != "model load"
