@@ -80,3 +80,48 @@ def test_one_process_of_a_strategy_holds_what_one_device_does() -> None:
     one = plan(arch, Setup(method="lora"), device)
     assert plan(arch, replace(Setup(method="lora"), strategy="zero2"), device).total_bytes == one.total_bytes
     assert plan(arch, Setup(method="lora", strategy="fsdp"), device).total_bytes == one.total_bytes
+
+
+def test_fsdp_holds_the_all_gather_buffer_beside_the_unsharded_parameters() -> None:
+    """FSDP2 all-gathers into a flat buffer and copies it into the unsharded parameters; ZeRO-3 gathers in place."""
+    arch, device = ARCHITECTURES["smollm2-135m"], named_device("rtx4090")
+    zero3, fsdp = (plan(arch, Setup(method="lora", strategy=s, nproc=2), device) for s in ("zero3", "fsdp"))
+    one = plan(arch, Setup(method="lora"), device)
+    whole = one.components["frozen_weights"] + one.components["trainable_weights"]
+    from petune.plan.sharding import gathered_bytes
+
+    gathered = gathered_bytes(arch, whole, one.total_params)
+    assert fsdp.components["frozen_weights"] - zero3.components["frozen_weights"] == gathered
+
+
+def test_deepspeed_is_in_a_cpu_process_of_zero2_and_zero3(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a CPU the plan adds what DeepSpeed's import and process group take (measured once per install)."""
+    from petune.plan import memory, overhead
+
+    monkeypatch.setattr(memory, "engine_overhead_bytes", lambda strategy: 123 * 2**20 if "zero" in strategy else 0)
+    arch, cpu, gpu = ARCHITECTURES["smollm2-135m"], named_device("cpu"), named_device("rtx4090")
+    for device, extra in ((cpu, 123 * 2**20), (gpu, 0)):
+        ddp = plan(arch, Setup(method="lora", nproc=2), device).components["framework_overhead"]
+        for strategy in ("zero2", "zero3"):
+            assert (
+                plan(arch, Setup(method="lora", strategy=strategy, nproc=2), device).components["framework_overhead"]
+                == ddp + extra
+            )
+    assert overhead.engine_overhead_bytes("ddp") == overhead.engine_overhead_bytes("fsdp") == 0
+
+
+def test_zero3_on_a_cpu_peaks_where_process_0_reads_the_whole_checkpoint(monkeypatch: pytest.MonkeyPatch) -> None:
+    """transformers loads a ZeRO-3 model by reading the whole checkpoint in process 0, beside its shards: on a CPU
+    that is the plan's peak when activations are small; on a GPU the checkpoint is in host memory, not counted."""
+    from petune.plan import memory
+
+    monkeypatch.setattr(memory, "engine_overhead_bytes", lambda strategy: 0)
+    arch, cpu, gpu = ARCHITECTURES["smollm2-135m"], named_device("cpu"), named_device("rtx4090")
+    setup = Setup(method="lora", strategy="zero3", nproc=2, batch_size=1, seq_len=16)
+    loading = plan(arch, setup, cpu)
+    one = plan(arch, Setup(method="lora", batch_size=1, seq_len=16), cpu)
+    assert loading.peak_phase == "model load"
+    shards = loading.components["frozen_weights"] - one.components["frozen_weights"]  # what it holds besides the file
+    assert 0 < shards < one.components["frozen_weights"]
+    assert plan(arch, setup, gpu).peak_phase != "model load"
+    assert plan(arch, replace(setup, strategy="fsdp"), cpu).peak_phase != "model load"

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from petune.cli import main
 from petune.train.config import build_config
@@ -134,3 +135,37 @@ def test_flags_alone_make_the_config() -> None:
     config = deepspeed_config(build_config({"strategy": "zero2", "offload": "optimizer"}), world=2)
     assert config["zero_optimization"] == {"stage": 2, "offload_optimizer": {"device": "cpu"}}
     assert config["train_batch_size"] == 16
+
+
+def test_ddp_leaves_the_frozen_parameters_out_of_its_broadcast(tiny_model_dir: Path) -> None:
+    """DDP would broadcast (and copy) every parameter when it wraps the model: the frozen ones are ignored."""
+    from types import SimpleNamespace
+
+    from transformers import AutoModelForCausalLM
+
+    from petune import LoraConfig, get_peft_model
+    from petune.train.engines import Engine
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    model = get_peft_model(base, LoraConfig(task_type="CAUSAL_LM", r=2, target_modules=["q_proj"]))
+    accelerator = SimpleNamespace(num_processes=2, prepare=lambda module: module)
+    Engine("ddp", accelerator, model, None, 1)  # type: ignore[arg-type]
+    ignored = set(model._ddp_params_and_buffers_to_ignore)
+    names = dict(model.named_parameters())
+    assert ignored == {name for name, p in names.items() if not p.requires_grad} and ignored < names.keys()
+
+
+def test_zero3_gathers_about_one_decoder_layer(tiny_model_dir: Path) -> None:
+    """ZeRO-3's prefetch, live and reuse limits come from one decoder layer's parameters, not DeepSpeed's 1e9."""
+    from transformers import AutoModelForCausalLM
+
+    from petune.train.strategy import zero3_gathering
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    layer = sum(p.numel() for p in model.model.layers[0].parameters())
+    assert zero3_gathering(model) == {
+        "stage3_prefetch_bucket_size": layer,
+        "stage3_max_live_parameters": 2 * layer,
+        "stage3_max_reuse_distance": layer,
+    }
+    assert zero3_gathering(torch.nn.Linear(2, 2)) == {}

@@ -33,6 +33,7 @@ LABELS = {
     "logits_loss": "logits/loss",
     "framework_overhead": "framework overhead",
 }
+PHASES = {"backward start": "backward", "optimizer step": "opt. step"}  # "model load" as it is
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -184,7 +185,7 @@ def print_table(arch: Architecture, device: Device, plans: list[Plan], out: Text
     rows += [
         ("total", [f"{p.total_bytes / GIB:.2f}" for p in plans]),
         ("fits", ["yes" if p.fits else "NO" for p in plans]),
-        ("peak during", ["backward" if p.peak_phase == "backward start" else "opt. step" for p in plans]),
+        ("peak during", [PHASES.get(p.peak_phase, p.peak_phase) for p in plans]),
         (f"largest batch x {s.seq_len}", [str(b) for b, _ in limits]),
         (f"longest seq, batch {s.batch_size}", [str(q) for _, q in limits]),
         ("trainable params", [_count(p.trainable_params) for p in plans]),

@@ -28,6 +28,7 @@ from petune.kernels import attention, enabled_by_default
 from petune.plan.architectures import Architecture
 from petune.plan.counts import adapter_params, largest_trainable_tensor, linear_shapes, total_params
 from petune.plan.gpus import Device
+from petune.plan.overhead import engine_overhead_bytes
 from petune.plan.setup import OPTIMIZER_STATES, Setup
 from petune.plan.sharding import per_device
 
@@ -234,7 +235,9 @@ def plan(arch: Architecture, setup: Setup, device: Device) -> Plan:
     fixed = {
         "frozen_weights": frozen,
         "trainable_weights": trainable_weights,
-        "framework_overhead": device.overhead_bytes,
+        # on a CPU the engine's library is in the process too (DeepSpeed: measured, `engine_overhead_bytes`)
+        "framework_overhead": device.overhead_bytes
+        + (engine_overhead_bytes(setup.strategy) if device.kind == "cpu" else 0),
     }
     backward_start = {
         **fixed,
@@ -253,14 +256,26 @@ def plan(arch: Architecture, setup: Setup, device: Device) -> Plan:
     total = total_params(arch)
     backward_start = per_device(backward_start, arch, setup.strategy, setup.nproc, setup.offload, total)
     optimizer_step = per_device(optimizer_step, arch, setup.strategy, setup.nproc, setup.offload, total)
-    phase, chosen = max(
-        ("backward start", backward_start), ("optimizer step", optimizer_step), key=lambda item: sum(item[1].values())
-    )
-    sizes = {name: max(backward_start[name], optimizer_step[name]) for name in COMPONENTS}
+    phases = [("backward start", backward_start), ("optimizer step", optimizer_step)]
+    if setup.strategy == "zero3" and setup.nproc > 1 and device.kind == "cpu":
+        phases.append(("model load", zero3_load(fixed, arch, setup, total)))
+    phase, chosen = max(phases, key=lambda item: sum(item[1].values()))
+    sizes = {name: max(moment[name] for _, moment in phases) for name in COMPONENTS}
     sizes["activations"] = saved + final_norm + layer_peak
     sizes["logits_loss"] = kept + loss_scratch
     components = {name: int(chosen[name]) for name in COMPONENTS}
     return Plan(arch, setup, device, components, sizes, phase, trainable, total)
+
+
+def zero3_load(fixed: dict[str, int], arch: Architecture, setup: Setup, total: int) -> dict[str, int]:
+    """Process 0 while transformers loads a model under ZeRO-3 (`deepspeed.zero.Init`): it alone reads the whole
+    checkpoint (`_load_state_dict_into_zero3_model`: the others map it on the meta device), module by module
+    gathering the parameters, copying the checkpoint's values in and partitioning them again, so the file's
+    frozen weights are resident beside its shards. On a CPU that is this process's memory; on a GPU it is not."""
+    moment = {name: 0 for name in COMPONENTS} | fixed
+    moment = per_device(moment, arch, setup.strategy, setup.nproc, setup.offload, total)
+    moment["frozen_weights"] += fixed["frozen_weights"]  # the checkpoint as read
+    return moment
 
 
 def largest_fitting(arch: Architecture, setup: Setup, device: Device, field: str, upper: int) -> int:

@@ -89,3 +89,45 @@ def _cache_file() -> Path:
             parts.append(str(Path(torch_spec.origin).stat().st_mtime_ns))
     key = hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
     return cache_dir() / "plan" / f"cpu-overhead-{key}.json"
+
+
+ENGINE_CHILD = """
+import os, socket, sys
+def resident():
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+import petune.train.loop  # what a training process has imported before its engine starts
+before = resident()
+with socket.socket() as probe:
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+import deepspeed
+deepspeed.init_distributed(dist_backend="gloo")
+print(resident() - before)
+"""
+
+
+@functools.cache
+def engine_overhead_bytes(strategy: str) -> int:
+    """What a CPU training process of `strategy` holds for its engine's library beyond `cpu_overhead`: DeepSpeed's
+    modules and its process group under zero2 and zero3 (`petune.train.strategy.make_accelerator` imports it and
+    calls `init_distributed` before the model loads; SmolLM2 traces: +180 MB a process there, 100 of it anonymous).
+    torch's own DDP and FSDP2 are in the imports already. Measured once per install in a child process, like
+    `cpu_overhead`; 0 when DeepSpeed is not installed or the measurement fails."""
+    if not strategy.startswith("zero") or importlib.util.find_spec("deepspeed") is None:
+        return 0
+    path = _cache_file().with_name(_cache_file().stem + "-deepspeed.json")
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        return int(json.loads(path.read_text())["engine_bytes"])
+    done = subprocess.run([sys.executable, "-c", ENGINE_CHILD], capture_output=True, text=True, timeout=600)
+    try:
+        measured = max(int(done.stdout.strip().splitlines()[-1]), 0)
+    except (ValueError, IndexError):
+        print(f"petune plan: could not measure DeepSpeed's overhead\n{done.stderr[-500:]}", file=sys.stderr)
+        return 0
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(f".{os.getpid()}.tmp")
+    partial.write_text(json.dumps({"engine_bytes": measured}))
+    partial.replace(path)
+    return measured

@@ -76,4 +76,9 @@ def per_device(
         whole = phase["frozen_weights"] + phase["trainable_weights"]
         gathered = min(whole, gathered_bytes(arch, whole, total_params))
         shards["frozen_weights"] += gathered - (0 if offload == "params" else gathered // nproc)
+        if strategy == "fsdp" and nproc > 1:
+            # FSDP2 all-gathers a group's shards into one flat buffer of its whole size, then copies that into the
+            # group's unsharded parameters (torch's `foreach_all_gather` / `foreach_all_gather_copy_out`): while a
+            # group is gathered, both exist (ZeRO-3 gathers into the parameters' own storage)
+            shards["frozen_weights"] += gathered
     return shards

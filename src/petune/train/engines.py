@@ -24,7 +24,7 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 
-from petune.train.strategy import is_deepspeed
+from petune.train.strategy import is_deepspeed, zero3_gathering
 
 
 class Engine:
@@ -40,7 +40,15 @@ class Engine:
         self.trained, self.optimizer = self.prepare(model, optimizer)
 
     def prepare(self, model: nn.Module, optimizer: Any) -> tuple[nn.Module, Any]:
-        return (self.accelerator.prepare(model) if self.world > 1 else model), optimizer
+        if self.world == 1:
+            return model, optimizer
+        # DDP broadcasts every parameter from process 0 when it wraps the model (in 250 MB buckets it copies
+        # into, and then into the weights of the other processes: +1.0 GB a process on SmolLM2 on CPU) and
+        # reduces the gradients of those that train. Frozen ones have no gradient and every process loaded
+        # them from the same file: DDP leaves them alone (the trained tensors are still broadcast).
+        frozen = [name for name, p in model.named_parameters() if not p.requires_grad]
+        nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, frozen)
+        return self.accelerator.prepare(model), optimizer
 
     def micro_batch(self, last: bool) -> contextlib.AbstractContextManager[Any]:
         return contextlib.nullcontext() if last or self.world == 1 else self.accelerator.no_sync(self.trained)
@@ -76,6 +84,10 @@ class DeepSpeed(Engine):
     TAG = "deepspeed"
 
     def prepare(self, model: nn.Module, optimizer: Any) -> tuple[nn.Module, Any]:
+        if self.strategy == "zero3":  # how much ZeRO-3 keeps gathered, from the model's layer size
+            zero = self.accelerator.state.deepspeed_plugin.deepspeed_config["zero_optimization"]
+            for key, value in zero3_gathering(model).items():
+                zero.setdefault(key, value)
         trained, optimizer = self.accelerator.prepare(model, optimizer)
         return trained, optimizer
 

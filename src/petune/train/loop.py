@@ -92,7 +92,9 @@ def setup(cfg: TrainConfig) -> Run:
     base, tokenizer = load_base(cfg, torch.bfloat16 if use_bf16 else torch.float32)
     data = load_data(cfg, tokenizer)
     model = trainable_model(cfg, base, resolve_model_path(cfg.model))
-    if cfg.method != "qlora":  # a 4-bit model is placed when loaded
+    if cfg.method != "qlora" and accelerator.device.type != "cpu":  # a 4-bit model is placed when loaded
+        # not on a CPU: there the weights already are, and `.to("cpu:0")` (accelerate's device for a process
+        # of a CPU group) would copy every tensor the model file maps into fresh memory (+0.6 GB on SmolLM2)
         model.to(accelerator.device)
     params = [p for p in model.parameters() if p.requires_grad]
     peak_lr = learning_rate(cfg)
