@@ -7,7 +7,8 @@ FSDP2 on CPU, written as a peft user writes it (transformers + peft + accelerate
         benchmarks/engines_peft.py --strategy zero3 --batch-size 2 --output OUT           # two processes
 
 Same settings as `petune train --strategy S` (src/petune/train/strategy.py): the same DeepSpeed config (ZeRO
-stage, micro-batch, clipping at 1.0, DeepSpeed's fp16/bf16 off, torch's AdamW allowed) or FSDP2 plugin (one
+stage, micro-batch, clipping at 1.0, DeepSpeed's fp16/bf16 off, torch's AdamW allowed, ZeRO-3's gathering limits
+from one decoder layer's size) or FSDP2 plugin (one
 shard group per decoder layer, reshard after forward, sharded state dict), fp32, fused torch AdamW at lr 2e-3
 with 3 warmup steps then cosine, LoRA r 8, alpha 16, dropout 0 on all linear layers, seed 0.
 
@@ -40,6 +41,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, get_cosine_schedul
 from petune.embedded import embedded_model_dir
 from petune.train.data import collate, load_dataset
 from petune.train.engines import frozen_bytes
+from petune.train.strategy import zero3_gathering
 
 LR, WARMUP, MAX_GRAD_NORM, SEED = 2e-3, 3, 1.0, 0  # petune train's defaults for LoRA
 LORA = {"r": 8, "lora_alpha": 16.0, "lora_dropout": 0.0}
@@ -129,6 +131,8 @@ def main() -> None:
     train = load_dataset(tokenizer, None, None, 0.1, args.max_length, seed=SEED).train
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(SEED)).tolist()  # petune's epoch 0
 
+    if args.strategy == "zero3":  # the gathering limits petune sets from one decoder layer's size (strategy.py)
+        accelerator.state.deepspeed_plugin.deepspeed_config["zero_optimization"].update(zero3_gathering(model))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR, fused=True)
     scheduler = get_cosine_schedule_with_warmup(optimizer, WARMUP, args.steps)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)

@@ -36,6 +36,21 @@ def test_json_for_several_methods_lists_plans(capsys: pytest.CaptureFixture[str]
     assert [p["method"] for p in plans] == ["full", "qlora"] and all(p["device_gb"] == 8 for p in plans)
 
 
+def test_prefix_tuning_is_planned_as_petune_train_runs_it(capsys: pytest.CaptureFixture[str]) -> None:
+    """The projection MLP is on by default in `petune train` (512 wide): plan counts it unless told otherwise."""
+    counts = {}
+    for flag in ("true", "false"):
+        code, out, _ = run(capsys, "--model", "smollm2", "--method", "prefix", "--prefix-projection", flag, "--json")
+        assert code == 0
+        counts[flag] = json.loads(out)["trainable_params"]
+    assert counts["false"] == 20 * 30 * 2 * 192  # virtual tokens x layers x (key, value) x kv width
+    # the (20, 192) table and its MLP 192 -> 512 -> 30 x 2 x 192, with biases: what `petune train --method prefix`
+    # prints for the embedded SmolLM2 (6,012,416 trainable parameters)
+    assert counts["true"] == 20 * 192 + (192 * 512 + 512) + (512 * 11520 + 11520) == 6_012_416
+    code, out, _ = run(capsys, "--model", "smollm2", "--method", "prefix", "--json")
+    assert json.loads(out)["trainable_params"] == counts["true"]
+
+
 def test_table_shows_every_method_and_component(capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = run(capsys, "--model", "mistral-7b", "--gradient-checkpointing", "--gpu", "a100-80gb")
     assert code == 0

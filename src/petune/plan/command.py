@@ -74,7 +74,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--lora-targets", default="q_proj,v_proj", help="adapted layers, or all-linear (default: q_proj,v_proj)"
     )
     parser.add_argument("--virtual-tokens", type=int, default=20, help="prompt/p-/prefix tuning (default: 20)")
-    parser.add_argument("--encoder-hidden-size", type=int, default=128, help="p-tuning's MLP width (default: 128)")
+    parser.add_argument(
+        "--encoder-hidden-size",
+        type=int,
+        help="width of p-tuning's MLP or prefix tuning's projection (default: petune train's, 128 and 512)",
+    )
+    parser.add_argument(
+        "--prefix-projection",
+        choices=["true", "false"],
+        default="true",
+        help="prefix tuning through its projection MLP, as petune train does by default (default: true)",
+    )
     parser.add_argument(
         "--strategy",
         default="ddp",
@@ -113,7 +123,8 @@ def run(args: argparse.Namespace, out: TextIO) -> int:
             lora_r=args.lora_r,
             lora_targets=parse_targets(args.lora_targets),
             virtual_tokens=args.virtual_tokens,
-            encoder_hidden_size=args.encoder_hidden_size,
+            encoder_hidden_size=args.encoder_hidden_size or encoder_width(method),
+            prefix_projection=args.prefix_projection == "true",
             strategy=args.strategy,
             nproc=args.nproc,
             offload=args.offload,
@@ -125,6 +136,13 @@ def run(args: argparse.Namespace, out: TextIO) -> int:
     else:
         print_table(arch, device, plans, out)
     return 0
+
+
+def encoder_width(method: str) -> int:
+    """`petune train`'s default width of the method's encoder MLP (p-tuning's, or prefix tuning's projection)."""
+    from petune.train.config import TrainConfig
+
+    return int(getattr(getattr(TrainConfig(), method, None), "encoder_hidden_size", 128))
 
 
 def largest(p: Plan) -> tuple[int, int]:

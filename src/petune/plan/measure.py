@@ -79,7 +79,12 @@ def adapter_config(setup: Any) -> Any:
             encoder_hidden_size=setup.encoder_hidden_size,
         )
     if setup.method == "prefix":
-        return petune.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=setup.virtual_tokens)
+        return petune.PrefixTuningConfig(
+            task_type="CAUSAL_LM",
+            num_virtual_tokens=setup.virtual_tokens,
+            prefix_projection=setup.prefix_projection,
+            encoder_hidden_size=setup.encoder_hidden_size,
+        )
     if setup.method == "full":
         return None
     raise ValueError(f"measure cannot run --method {setup.method} on a CPU")
