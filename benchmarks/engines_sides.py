@@ -20,6 +20,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from e2e_trl import environment
 from engines import run_case, sample_peaks, summarize
 from safetensors import safe_open
 
@@ -43,9 +44,12 @@ def peft_command(strategy: str, nproc: int, steps: int, output: Path, model: str
     return [str(Path(sys.executable).with_name("accelerate")), "launch", *launch, *script]
 
 
-def run_peft(strategy: str, nproc: int, steps: int, folder: Path, model: str | None, save: str) -> dict[str, float]:
+def run_peft(
+    strategy: str, nproc: int, steps: int, folder: Path, model: str | None, save: str, allocator: str = "system"
+) -> dict[str, float]:
     output = folder / f"peft-{strategy}-{nproc}"
-    process = subprocess.Popen(peft_command(strategy, nproc, steps, output, model, save), stdout=subprocess.DEVNULL)
+    command = peft_command(strategy, nproc, steps, output, model, save)
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, env=environment(allocator))
     peaks = sample_peaks(process)
     if process.returncode != 0:
         raise SystemExit(f"peft {strategy} x {nproc} failed ({process.returncode})")
@@ -73,6 +77,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--model", help="a model folder (default: the embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--save", choices=["gathered", "plain"], default="gathered", help="the peft side's save")
+    parser.add_argument(
+        "--peft-allocator",
+        choices=["system", "mimalloc"],
+        default="system",
+        help="the peft side's host allocator (petune's side runs on mimalloc, as the `petune` command does)",
+    )
     args = parser.parse_args()
     print(
         "| strategy | processes | petune peak RSS per process (MB) | peft peak RSS per process (MB) | peft / petune "
@@ -87,7 +97,9 @@ def main() -> None:
                 if side == "petune":
                     results[side] = run_case(strategy, nproc, args.steps, Path(tmp), args.model)
                 else:
-                    results[side] = run_peft(strategy, nproc, args.steps, Path(tmp), args.model, args.save)
+                    results[side] = run_peft(
+                        strategy, nproc, args.steps, Path(tmp), args.model, args.save, args.peft_allocator
+                    )
             ours = shapes(Path(tmp) / f"{strategy}-{nproc}" / "adapter")
             adapter = whole(ours, shapes(Path(tmp) / f"peft-{strategy}-{nproc}"))
             petune, peft = results["petune"], results["peft"]
