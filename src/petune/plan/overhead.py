@@ -63,13 +63,16 @@ def cpu_overhead() -> CpuOverhead:
         imports_bytes=int(result["before_mb"] * MIB),
         first_steps_bytes=int(max(result["peak_mb"] - result["before_mb"], 0) * MIB),
     )
+    _save(path, {"imports_bytes": overhead.imports_bytes, "first_steps_bytes": overhead.first_steps_bytes})
+    return overhead
+
+
+def _save(path: Path, measured: dict[str, int]) -> None:
+    """Write a measurement to its cache file atomically (a concurrent `petune plan` reads it whole or not at all)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(f".{os.getpid()}.tmp")
-    partial.write_text(
-        json.dumps({"imports_bytes": overhead.imports_bytes, "first_steps_bytes": overhead.first_steps_bytes})
-    )
+    partial.write_text(json.dumps(measured))
     partial.replace(path)
-    return overhead
 
 
 def _cache_file() -> Path:
@@ -117,7 +120,8 @@ def engine_overhead_bytes(strategy: str) -> int:
     `cpu_overhead`; 0 when DeepSpeed is not installed or the measurement fails."""
     if not strategy.startswith("zero") or importlib.util.find_spec("deepspeed") is None:
         return 0
-    path = _cache_file().with_name(_cache_file().stem + "-deepspeed.json")
+    cpu = _cache_file()
+    path = cpu.with_name(cpu.stem + "-deepspeed.json")
     with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
         return int(json.loads(path.read_text())["engine_bytes"])
     done = subprocess.run([sys.executable, "-c", ENGINE_CHILD], capture_output=True, text=True, timeout=600)
@@ -126,8 +130,5 @@ def engine_overhead_bytes(strategy: str) -> int:
     except (ValueError, IndexError):
         print(f"petune plan: could not measure DeepSpeed's overhead\n{done.stderr[-500:]}", file=sys.stderr)
         return 0
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(f".{os.getpid()}.tmp")
-    partial.write_text(json.dumps({"engine_bytes": measured}))
-    partial.replace(path)
+    _save(path, {"engine_bytes": measured})
     return measured
