@@ -26,6 +26,9 @@ IGNORE_INDEX = -100
 # fp32 128 rows 857 ms, 256 817 ms, 512 734 ms; bf16 416, 399, 408 ms. With the buffer reused, 256 rows peak
 # where 128 fresh buffers a step did (benchmarks/run.py, LoRA: fp32 1745 vs 1742 MB, bf16 1198 vs 1190 MB).
 CHUNK_SIZE = 256
+# Config fields of models whose logits are not just the head's output (Gemma 2's soft-capping, Cohere's and
+# Granite's scaling): their loss is not the chunked loss of the head's output.
+LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
 
 
 def causal_lm_loss(
@@ -65,6 +68,8 @@ def causal_lm_loss(
         return output
 
     if _sharded(head):
+        if _head_runs_alone(inner, head):
+            return _loss_inside_head(model, head, inputs, labels, chunk_size, num_items)
         return _loss_from_logits(model, inputs, labels, num_items)
     hook = decoder.register_forward_hook(keep_hidden)
     try:
@@ -76,30 +81,83 @@ def causal_lm_loss(
     hidden = captured[-1]
     if len(captured) > 1:
         hidden = torch.cat([piece.expand(hidden.shape[0], -1, -1) for piece in captured], dim=1)
+    total, count = _summed_loss(head, hidden, labels, chunk_size)
+    return total / max(num_items if num_items is not None else count, 1)
+
+
+def _summed_loss(
+    head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor, chunk_size: int
+) -> tuple[torch.Tensor, int]:
+    """(summed cross-entropy, labelled positions) of the head over `hidden` (B, T', H) against `labels` (B, T)."""
     if hidden.shape[1] > labels.shape[1]:
         labels = F.pad(labels, (hidden.shape[1] - labels.shape[1], 0), value=IGNORE_INDEX)
     shift_labels = labels[:, 1:].to(hidden.device)
     keep = shift_labels != IGNORE_INDEX
     selected = hidden[:, :-1][keep]  # (N, H)
     targets = shift_labels[keep]  # (N,)
-    count = num_items if num_items is not None else int(targets.numel())
     if targets.numel() == 0:
-        return hidden.sum() * 0.0
-
-    if type(head) is nn.Linear and not head.weight.requires_grad:
-        total = _FrozenHeadCrossEntropy.apply(selected, head.weight, head.bias, targets, chunk_size)
-    else:  # a trained or wrapped head: recompute each chunk's logits in backward instead
-        total = hidden.new_zeros((), dtype=torch.float32)
-        for start in range(0, targets.numel(), chunk_size):
-            piece = slice(start, start + chunk_size)
-            total = total + checkpoint(_chunk_loss, head, selected[piece], targets[piece], use_reentrant=False)
-    return total / max(count, 1)
+        return hidden.sum() * 0.0, 0
+    if _frozen_linear(head):
+        return _FrozenHeadCrossEntropy.apply(selected, head.weight, head.bias, targets, chunk_size), targets.numel()
+    # a trained or wrapped head: recompute each chunk's logits in backward instead
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, targets.numel(), chunk_size):
+        piece = slice(start, start + chunk_size)
+        total = total + checkpoint(_chunk_loss, head, selected[piece], targets[piece], use_reentrant=False)
+    return total, targets.numel()
 
 
 def _sharded(head: nn.Module) -> bool:
     """Whether the head's weight is a shard (DeepSpeed ZeRO-3, torch FSDP2), whole only inside the forward."""
     weight = getattr(head, "weight", None)
     return hasattr(weight, "ds_id") or type(weight).__name__ == "DTensor"
+
+
+def _head_runs_alone(model: nn.Module, head: nn.Module) -> bool:
+    """Whether the model's forward returns its frozen linear head's one output as its logits, unchanged: not a
+    prompt method (whose shared pass runs the head twice), not soft-capped or scaled logits, no patched head."""
+    config = getattr(model, "active_peft_config", None)
+    if getattr(config, "is_prompt_learning", False) or "forward" in vars(head):
+        return False
+    get_base = getattr(model, "get_base_model", None)
+    model_config = getattr(get_base() if get_base is not None else model, "config", None)
+    if any(getattr(model_config, name, None) not in (None, 1, 1.0) for name in LOGIT_TRANSFORMS):
+        return False
+    return _frozen_linear(head)
+
+
+def _frozen_linear(head: nn.Module) -> bool:
+    """A frozen `nn.Linear` (also when FSDP2 made it a subclass of its own, which keeps `Linear.forward`)."""
+    return isinstance(head, nn.Linear) and type(head).forward is nn.Linear.forward and not head.weight.requires_grad
+
+
+def _loss_inside_head(
+    model: nn.Module,
+    head: nn.Module,
+    inputs: dict[str, Any],
+    labels: torch.Tensor,
+    chunk_size: int,
+    num_items: int | None,
+) -> torch.Tensor:
+    """The chunked loss under a sharding engine, where the head's weight is whole only while the model's forward
+    runs (DeepSpeed ZeRO-3 gathers it around the head's call, FSDP2 around the root module's): the loss runs as
+    the head's forward, and the model hands its (1, 1) sum back as its logits. Its backward needs no weight (the
+    frozen head's input gradient is computed in the forward), and no (batch, seq, vocab) logits exist."""
+    counts: list[int] = []
+
+    def summed_loss(hidden: torch.Tensor) -> torch.Tensor:
+        total, count = _summed_loss(head, hidden, labels, chunk_size)
+        counts.append(count)
+        return total.reshape(1, 1)
+
+    head.forward = summed_loss
+    try:
+        total = model(**inputs, use_cache=False).logits
+    finally:
+        del head.forward
+    if len(counts) != 1 or total.shape != (1, 1):
+        raise RuntimeError(f"the model ran its head {len(counts)} times or changed its output {tuple(total.shape)}")
+    return total.reshape(()) / max(num_items if num_items is not None else counts[0], 1)
 
 
 def _loss_from_logits(

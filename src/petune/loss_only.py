@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from petune.loss import causal_lm_loss
+from petune.loss import LOGIT_TRANSFORMS, causal_lm_loss
 
 NO_LOGITS = (
     "this petune model computed the loss without the full logits (training mode with labels=); "
@@ -41,9 +41,6 @@ _NEEDS_FULL_FORWARD = (
     "output_router_logits",
     "past_key_values",
 )
-# Config fields of models whose logits are not just the head's output (Gemma 2's soft-capping, Cohere's and
-# Granite's scaling): their loss is not the chunked loss of the head's output.
-_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
 _CONFIG_FLAGS = ("output_hidden_states", "output_attentions", "output_router_logits")
 
 
@@ -75,7 +72,7 @@ def computes_loss_only(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str
     config = getattr(base, "config", None)
     if any(getattr(config, name, None) for name in _CONFIG_FLAGS):
         return False
-    if any(getattr(config, name, None) not in (None, 1, 1.0) for name in _LOGIT_TRANSFORMS):
+    if any(getattr(config, name, None) not in (None, 1, 1.0) for name in LOGIT_TRANSFORMS):
         return False
     config_of_adapter = model.peft_config.get(model.active_adapter)  # type: ignore[union-attr,operator]
     task_type = getattr(config_of_adapter, "task_type", None)

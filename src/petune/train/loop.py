@@ -89,7 +89,9 @@ def setup(cfg: TrainConfig) -> Run:
     use_bf16 = cfg.precision == "bf16" or (
         cfg.precision == "auto" and accelerator.device.type == "cuda" and torch.cuda.is_bf16_supported()
     )
-    base, tokenizer = load_base(cfg, torch.bfloat16 if use_bf16 else torch.float32)
+    dtype = torch.bfloat16 if use_bf16 else torch.float32
+    with strategy.loading_dtype(dtype):
+        base, tokenizer = load_base(cfg, dtype)
     data = load_data(cfg, tokenizer)
     model = trainable_model(cfg, base, resolve_model_path(cfg.model))
     if cfg.method != "qlora" and accelerator.device.type != "cpu":  # a 4-bit model is placed when loaded

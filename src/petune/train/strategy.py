@@ -16,14 +16,17 @@ and their optimizer state stay fp32, and the forward runs under autocast.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from petune.train import UserError
 
 if TYPE_CHECKING:
+    import torch
     from accelerate import Accelerator
     from accelerate.tracking import GeneralTracker
 
@@ -169,6 +172,28 @@ def deepspeed_config(cfg: TrainConfig, world: int) -> dict[str, Any]:
     config.setdefault("bf16", {"enabled": False})
     config.setdefault("fp16", {"enabled": False})
     return config
+
+
+@contextlib.contextmanager
+def loading_dtype(dtype: torch.dtype) -> Iterator[None]:
+    """While the base model loads, the ZeRO-3 config transformers reads says `dtype`: transformers builds a ZeRO-3
+    model inside `deepspeed.zero.Init`, which casts every floating-point tensor created there to the config's
+    16-bit mode, else to fp32. petune's config has that mode off (the engine must not cast the trained tensors), so
+    without this a `--precision bf16` base would be partitioned in fp32: twice the bytes. accelerate hands
+    transformers a copy of the config, which this changes; the engine is built from the plugin's own."""
+    import torch
+    from transformers.integrations.deepspeed import deepspeed_config, is_deepspeed_zero3_enabled
+
+    config = deepspeed_config()
+    if config is None or not is_deepspeed_zero3_enabled():
+        yield
+        return
+    before = config.get("bf16", {"enabled": False})
+    config["bf16"] = {"enabled": dtype == torch.bfloat16}
+    try:
+        yield
+    finally:
+        config["bf16"] = before
 
 
 def zero3_gathering(model: Any) -> dict[str, int]:
