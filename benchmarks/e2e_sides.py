@@ -44,6 +44,7 @@ class Settings:
     seed: int = 0
     data: str | None = None  # None: petune's bundled demo training set
     packing: bool = False  # petune's side packs examples into rows (TRL's stays unpacked, its default)
+    padding_free: bool = True  # petune's default: each batch's examples in shared rows, the same examples a step
 
 
 def data_path(settings: Settings) -> str:
@@ -59,7 +60,8 @@ def petune_options(settings: Settings, output: str) -> dict[str, Any]:
         "max_steps": settings.steps, "batch_size": settings.batch_size, "grad_accum": 1, "lr": settings.lr,
         "schedule": settings.schedule, "warmup_steps": settings.warmup_steps, "weight_decay": settings.weight_decay,
         "max_grad_norm": settings.max_grad_norm, "max_length": settings.max_length, "train_on_prompt": False,
-        "packing": settings.packing, "precision": settings.precision, "eval_every": 0, "save_every": 0,
+        "packing": settings.packing, "padding_free": settings.padding_free, "precision": settings.precision,
+        "eval_every": 0, "save_every": 0,
         "eval_samples": 0, "seed": settings.seed,
         "lora": {"r": settings.lora_r, "lora_alpha": settings.lora_alpha, "lora_dropout": settings.lora_dropout,
                  "target_modules": list(settings.target_modules)},

@@ -3,18 +3,25 @@
 from __future__ import annotations
 
 import random
+from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 import torch.nn.functional as F
+from transformers import masking_utils
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from petune import LoraConfig, get_peft_model
+from petune.cli import main
 from petune.kernels import attention
 from petune.kernels.attention import BlockedCausalAttention, packed_segments
-from petune.train.data import IGNORE_INDEX, Example, collate, pack
+from petune.train import objective
+from petune.train.data import IGNORE_INDEX, Example, collate, pack, pack_batch
 from petune.train.evaluate import token_loss_sum
 from tests.conftest import PAD_TOKEN_ID, VOCAB_SIZE, build_tiny_model
+from tests.train.test_loop import assert_same_adapter
+from tests.train.tiny import tiny_args
 
 
 def examples(count: int, seed: int = 0) -> list[Example]:
@@ -109,3 +116,93 @@ def test_kernel_with_segments_equals_sdpa_with_the_block_mask() -> None:
     want = run(lambda: F.scaled_dot_product_attention(q, k, v, mask[:, None], scale=0.25, enable_gqa=True))
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_pack_batch_fills_rows_first_fit_decreasing() -> None:
+    batch = [Example(list(range(1, 1 + n)), list(range(1, 1 + n))) for n in (5, 3, 4, 2)]
+    rows = pack_batch(batch, max_length=8)
+    assert [row.position_ids for row in rows] == [[0, 1, 2, 3, 4, 0, 1, 2], [0, 1, 2, 3, 0, 1]]  # 5+3, 4+2
+    assert sorted(len(r.input_ids) for r in rows) == [6, 8]
+    labelled = [sum(label != IGNORE_INDEX for label in row.labels) for row in rows]
+    assert sum(labelled) == sum(n - 1 for n in (5, 3, 4, 2))  # every label a padded batch reads, none more
+
+
+def test_a_padding_free_run_trains_the_padded_runs_adapter(
+    tiny_model_dir: Path, tiny_data: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`petune train`'s default puts each batch into shared rows; the adapter is the padded run's (fp32, 4 steps
+    of 4 examples of ~40 tokens into rows of 128: within 1e-6, measured 4e-8)."""
+    rows: list[int] = []
+
+    def counting(examples: list[Example], max_length: int) -> list[Example]:
+        packed = pack_batch(examples, max_length)
+        rows.append(len(packed))
+        return packed
+
+    monkeypatch.setattr(objective, "pack_batch", counting)
+    rows_of_128 = ["--max-length", "128"]
+    assert main(tiny_args(tiny_model_dir, tiny_data, tmp_path / "free", *rows_of_128)) == 0
+    assert rows and max(rows) < 4, rows  # fewer rows than examples: the batches were packed
+    padded = tiny_args(tiny_model_dir, tiny_data, tmp_path / "padded", *rows_of_128, "--padding-free", "false")
+    assert main(padded) == 0
+    assert_same_adapter(tmp_path / "free", tmp_path / "padded", atol=1e-6)
+
+
+def test_without_attention_that_keeps_examples_apart_batches_are_padded(
+    tiny_model_dir: Path,
+    tiny_data: tuple[Path, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """With masks that ignore restarting positions, examples in one row would attend to each other: the run pads
+    its batches instead (and says so), and `--packing` is refused."""
+    monkeypatch.setattr(masking_utils, "find_packed_sequence_indices", lambda position_ids: None)
+    assert main(tiny_args(tiny_model_dir, tiny_data, tmp_path / "run", "--max-steps", "1")) == 0
+    assert (
+        "padding-free batches off: llama's attention does not keep examples in one row apart" in capsys.readouterr().out
+    )
+    assert main(tiny_args(tiny_model_dir, tiny_data, tmp_path / "packed", "--max-steps", "1", "--packing", "true")) == 2
+    assert (
+        "--packing: llama's attention does not keep examples in one row apart; drop --packing"
+        in capsys.readouterr().err
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_rows_outside_the_kernel_run_sdpa_per_example(dtype: torch.dtype) -> None:
+    """fp32 rows, and bf16 rows longer than the blocked kernel takes: SDPA over each example's span alone, with
+    the output and gradients of SDPA over the whole row under the block-diagonal mask."""
+    length = 40 if dtype == torch.float32 else attention.MAX_LENGTH + 40
+    cut = length // 3
+    segments = torch.tensor([[0] * cut + [1] * (length - cut), [0] * (length - 5) + [1] * 5])
+    causal = torch.ones(length, length, dtype=torch.bool).tril()
+    mask = ((segments[:, :, None] == segments[:, None, :]) & causal)[:, None]
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, heads, length, 16, dtype=dtype, requires_grad=True) for heads in (4, 2, 2))
+    grad = torch.randn(2, length, 4, 16, dtype=dtype)
+
+    module = torch.nn.Module()
+    module.num_key_value_groups = 2  # transformers' SDPA repeats keys and values from this
+
+    def run(forward: Any) -> list[torch.Tensor]:
+        for tensor in (q, k, v):
+            tensor.grad = None
+        out = forward(module, q, k, v, mask)[0]
+        out.backward(grad)
+        return [out.detach(), *(t.grad for t in (q, k, v))]  # type: ignore[misc]
+
+    calls: list[int] = []
+    real = attention._per_example
+
+    def counting(*args: Any) -> torch.Tensor:
+        calls.append(1)
+        return real(*args)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(attention, "_per_example", counting)
+        got = run(attention.sdpa_forward)
+    assert calls, "the packed rows went to SDPA under the mask"
+    tolerance = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
+    for ours, theirs in zip(got, run(sdpa_attention_forward), strict=True):
+        torch.testing.assert_close(ours, theirs, **tolerance)

@@ -17,10 +17,11 @@ backward, 2 cores): bf16 0.44-0.63x SDPA's time from 128 to 512 positions (0.71x
 close to fp64 as SDPA's own bf16 ones. A whole SmolLM2 LoRA step in bf16, 4 x 256, is in BENCHMARKS.md. In
 fp32 (128-row blocks) a LoRA step gained 3.5% for twice the extra memory, so fp32 stays with SDPA.
 
-Packed rows (`petune.train.data.pack`) run blocked too: there transformers passes a mask that is causal within
-each example of a row (built from position ids that restart), `packed_segments` recognises it, and each block's
-scores are masked by example as well (rows x keys per block, per batch row; the probabilities outside an
-example are 0, so backward needs no change).
+Packed rows (`petune.train.data.pack`, `pack_batch`) run blocked too: there transformers passes a mask that is
+causal within each example of a row (built from position ids that restart), `packed_segments` recognises it, and
+each block's scores are masked by example as well (rows x keys per block, per batch row; the probabilities
+outside an example are 0, so backward needs no change). Outside the blocked kernel's domain (fp32, longer rows,
+a GPU) packed rows run SDPA once per example (`_per_example`) instead of over the whole row under the mask.
 
 It takes a call only when all of these hold, and leaves every other call to SDPA: CPU, bf16, gradients
 being recorded, causal with no mask or a packed rows' mask (no padding), query length = key length, one head
@@ -97,11 +98,37 @@ def sdpa_forward(
     """transformers' SDPA attention, but causal unmasked training calls in bf16 on a CPU run blocked."""
     causal = kwargs.get("is_causal")
     causal = getattr(module, "is_causal", True) if causal is None else causal
-    if causal and not any(kwargs.get(name) is not None for name in _SDPA_ONLY) and takes(query, key, value, dropout):
-        segments = None if attention_mask is None else packed_segments(attention_mask, query.shape[0], query.shape[2])
-        if attention_mask is None or segments is not None:
-            return _blocked(query, key, value, scaling, segments).transpose(1, 2).contiguous(), None
+    plain = causal and not any(kwargs.get(name) is not None for name in _SDPA_ONLY)
+    segments = None
+    if plain and attention_mask is not None and query.shape[2] == key.shape[2]:
+        segments = packed_segments(attention_mask, query.shape[0], query.shape[2])
+    if plain and takes(query, key, value, dropout) and (attention_mask is None or segments is not None):
+        return _blocked(query, key, value, scaling, segments).transpose(1, 2).contiguous(), None
+    if segments is not None and dropout == 0.0:
+        return _per_example(query, key, value, segments, scaling), None
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+
+
+def _per_example(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, segments: torch.Tensor, scale: float | None
+) -> torch.Tensor:
+    """Packed rows' attention (B, T, heads, d): causal SDPA over each example's own span, the work of its length
+    squared, where SDPA under the block-diagonal mask computes every query against every key of the row (torch's
+    CPU flash attention skips no masked block) and only then masks: a row of k equal examples costs k times less."""
+    gqa = query.shape[1] != key.shape[1]
+    rows = []
+    for row, spans in enumerate(segments):
+        pieces, start = [], 0
+        for length in torch.unique_consecutive(spans, return_counts=True)[1].tolist():
+            span = (slice(row, row + 1), slice(None), slice(start, start + length))
+            pieces.append(
+                F.scaled_dot_product_attention(
+                    query[span], key[span], value[span], is_causal=True, scale=scale, enable_gqa=gqa
+                )
+            )
+            start += length
+        rows.append(torch.cat(pieces, dim=2))
+    return torch.cat(rows).transpose(1, 2).contiguous()
 
 
 def _blocked(

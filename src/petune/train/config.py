@@ -42,6 +42,7 @@ METHOD_NAMES = (
 SCHEDULES = ("linear", "cosine", "constant")
 PRECISIONS = ("auto", "bf16", "fp32")
 OBJECTIVES = ("sft", "dpo")
+PROMPT_METHODS = ("prompt", "ptuning", "prefix")  # virtual tokens in front of each row
 REPORT_TO = ("none", "tensorboard", "mlflow", "trackio", "wandb")  # trackers.py
 
 
@@ -259,6 +260,11 @@ class TrainConfig:
     packing: bool = option(
         False, "pack several examples into each max-length row, each attending only to itself (not prompt methods)"
     )
+    padding_free: bool = option(
+        True,
+        "put each batch's examples into as few max-length rows as fit, each attending only to itself: the loss and "
+        "gradients of padded rows without computing the padding (off for prompt methods, DPO and --packing)",
+    )
     gradient_checkpointing: bool = option(
         False, "recompute each layer's activations in backward: less memory, slower steps (BENCHMARKS.md)"
     )
@@ -316,7 +322,7 @@ class TrainConfig:
             raise UserError(f"--lr must be positive, got {self.lr}")
         self._check_report_to()
         self._check_dpo()
-        if self.packing and self.method in ("prompt", "ptuning", "prefix"):
+        if self.packing and self.method in PROMPT_METHODS:
             raise UserError(
                 f"--packing works with full fine-tuning and the LoRA methods; --method {self.method} adds its "
                 f"virtual tokens once per row, not once per packed example: drop --packing"
@@ -326,6 +332,11 @@ class TrainConfig:
         from petune.train import strategy
 
         strategy.check(self)
+
+    @property
+    def packs_batches(self) -> bool:
+        """Whether each batch's examples go into shared rows (`padding_free`; see `data.pack_batch`)."""
+        return self.padding_free and not self.packing and self.objective == "sft" and self.method not in PROMPT_METHODS
 
     def _check_report_to(self) -> None:
         for name in self.report_to:

@@ -40,7 +40,7 @@ from petune.train.methods import (
     trainable_model,
     training_state,
 )
-from petune.train.objective import Objective, load_data, objective_for
+from petune.train.objective import Objective, SftObjective, keeps_packed_examples_apart, load_data, objective_for
 
 
 @dataclass
@@ -103,6 +103,7 @@ def setup(cfg: TrainConfig) -> Run:
     optimizer = adamw(params, lr=peak_lr, weight_decay=cfg.weight_decay)
     engine = make_engine(cfg.strategy, accelerator, model, optimizer, cfg.grad_accum)  # DDP, ZeRO or FSDP2
     run = Run(cfg, accelerator, run_dir, model, tokenizer, data, objective_for(cfg), engine, peak_lr, use_bf16)
+    check_packing(run)
     if main:
         report.describe_start(cfg, run_dir, data, model, run.global_batch, peak_lr)
         cfg.save(run_dir / "config.yaml")
@@ -110,6 +111,24 @@ def setup(cfg: TrainConfig) -> Run:
     if cfg.strategy != "ddp":
         describe_sharding(cfg, accelerator, model)
     return run
+
+
+def check_packing(run: Run) -> None:
+    """Rows that hold several examples need attention that keeps them apart: `--packing` is refused without it,
+    and padding-free batches fall back to padded rows, saying so."""
+    objective, cfg = run.objective, run.cfg
+    if not (cfg.packing or (isinstance(objective, SftObjective) and objective.pack_length)):
+        return
+    if keeps_packed_examples_apart(run.engine.trained, run.accelerator.device):
+        return
+    kind = getattr(getattr(run.model, "config", None), "model_type", "this model")
+    what = f"{kind}'s attention does not keep examples in one row apart"
+    if cfg.packing:
+        raise UserError(f"--packing: {what}; drop --packing")
+    assert isinstance(objective, SftObjective)
+    objective.pack_length = None
+    if run.accelerator.is_main_process:
+        print(f"padding-free batches off: {what} (padded rows instead)")
 
 
 def describe_sharding(cfg: TrainConfig, accelerator: Accelerator, model: nn.Module) -> None:

@@ -6,6 +6,7 @@ methods of `Objective`.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
@@ -13,7 +14,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from petune.train.config import TrainConfig
-from petune.train.data import IGNORE_INDEX, Dataset, collate, load_dataset
+from petune.train.data import IGNORE_INDEX, Dataset, collate, load_dataset, pack_batch
 from petune.train.dpo import DpoObjective, load_preferences
 from petune.train.evaluate import heldout_loss, token_loss_sum
 
@@ -46,11 +47,16 @@ class Objective(Protocol):
         ...
 
 
+@dataclass
 class SftObjective:
-    """Next-token cross-entropy on the completion tokens, a mean over the global batch's labelled tokens."""
+    """Next-token cross-entropy on the completion tokens, a mean over the global batch's labelled tokens.
+    `pack_length`: each micro-batch's examples go into shared rows of at most that many tokens (`pack_batch`)."""
 
-    collate = staticmethod(collate)
+    pack_length: int | None = None
     heldout = staticmethod(heldout_loss)
+
+    def collate(self, items: Sequence[Any], pad_token_id: int) -> dict[str, torch.Tensor]:
+        return collate(pack_batch(items, self.pack_length) if self.pack_length else items, pad_token_id)
 
     @staticmethod
     def units(batch: dict[str, torch.Tensor]) -> int:
@@ -63,8 +69,30 @@ class SftObjective:
         return token_loss_sum(trained, batch)[0], {}
 
 
+def keeps_packed_examples_apart(model: nn.Module, device: torch.device) -> bool:
+    """Whether `model`'s attention keeps examples that share a row apart, as transformers does for the families
+    whose masks follow restarting position ids: the logits of two tokens packed after two others (positions
+    0 1 0 1) are those of the two alone. An architecture that ignores the positions would let them attend back.
+    Every process runs it (a sharded model's forward is collective)."""
+    ids = torch.tensor([[11, 12, 13, 14]], device=device)
+    training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            # as training calls it: no cache (with one, transformers does not look for packed examples)
+            positions = torch.tensor([[0, 1, 0, 1]], device=device)
+            packed = model(input_ids=ids, position_ids=positions, use_cache=False).logits[0, 2:]
+            alone = model(input_ids=ids[:, 2:], position_ids=positions[:, 2:], use_cache=False).logits[0]
+    finally:
+        model.train(training)
+    scale = alone.float().abs().max().clamp(min=1e-6)
+    return bool((packed.float() - alone.float()).abs().max() <= 1e-2 * scale)
+
+
 def objective_for(cfg: TrainConfig) -> Objective:
-    return DpoObjective(cfg.dpo.beta) if cfg.objective == "dpo" else SftObjective()
+    if cfg.objective == "dpo":
+        return DpoObjective(cfg.dpo.beta)
+    return SftObjective(cfg.max_length if cfg.packs_batches else None)
 
 
 def load_data(cfg: TrainConfig, tokenizer: PreTrainedTokenizerBase) -> Dataset:
