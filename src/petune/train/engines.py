@@ -188,10 +188,10 @@ def _deepspeed_unseen() -> Iterator[None]:
     2 processes: 76 MiB of library pages, 70 anonymous; BENCHMARKS.md, issue 18). A no-op once DeepSpeed is in."""
     from accelerate.utils import other
 
-    if "deepspeed" in sys.modules:
+    available = getattr(other, "is_deepspeed_available", None)
+    if "deepspeed" in sys.modules or available is None:  # nothing to save, or an accelerate that looks elsewhere
         yield
         return
-    available = other.is_deepspeed_available
     other.is_deepspeed_available = lambda: False
     try:
         yield
