@@ -185,7 +185,7 @@ def _deepspeed_unseen() -> Iterator[None]:
     """While accelerate prepares an FSDP2 model, it does not import DeepSpeed. Its `extract_model_from_parallel`
     (called on the model first) imports DeepSpeed whenever it is installed, to unwrap a `DeepSpeedEngine`, which
     an FSDP2 model never is: on a CPU that import kept +146 MiB in each process for the rest of the run (SmolLM2,
-    2 processes: 76 MiB of library pages, 70 anonymous; BENCHMARKS.md, issue 18). A no-op once DeepSpeed is in."""
+    2 processes: 75 MiB of library pages, 71 anonymous; BENCHMARKS.md, issue 18). A no-op once DeepSpeed is in."""
     from accelerate.utils import other
 
     available = getattr(other, "is_deepspeed_available", None)
