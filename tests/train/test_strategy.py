@@ -12,7 +12,7 @@ import torch
 
 from petune.cli import main
 from petune.train.config import build_config
-from petune.train.strategy import SHARDED_METHODS, check, deepspeed_config
+from petune.train.strategy import SHARDED_METHODS, check, deepspeed_config, has_deepspeed
 
 ZERO2 = {"zero_optimization": {"stage": 2}}
 
@@ -169,3 +169,42 @@ def test_zero3_gathers_about_one_decoder_layer(tiny_model_dir: Path) -> None:
         "stage3_max_reuse_distance": layer,
     }
     assert zero3_gathering(torch.nn.Linear(2, 2)) == {}
+
+
+FSDP_PREPARE = """
+import sys
+import torch
+from transformers import AutoModelForCausalLM
+from petune import LoraConfig, get_peft_model
+from petune.train.config import build_config
+from petune.train.engines import make_engine
+from petune.train.strategy import make_accelerator
+accelerator = make_accelerator(build_config({"strategy": "fsdp"}), None)
+base = AutoModelForCausalLM.from_pretrained(sys.argv[1])
+model = get_peft_model(base, LoraConfig(task_type="CAUSAL_LM", r=2, target_modules=["q_proj"]))
+optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+engine = make_engine("fsdp", accelerator, model, optimizer, 1)
+print(type(engine.trained).__name__, "deepspeed" in sys.modules)
+"""
+
+
+@pytest.mark.skipif(not has_deepspeed(), reason="DeepSpeed is not installed: nothing would import it")
+def test_fsdp_does_not_import_deepspeed(tiny_model_dir: Path) -> None:
+    """accelerate's FSDP2 prepare imports DeepSpeed when it is installed (+146 MiB a process on CPU): not in petune."""
+    import os
+    import socket
+    import subprocess
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    group = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    done = subprocess.run(
+        [sys.executable, "-c", FSDP_PREPARE, str(tiny_model_dir)],
+        env={**os.environ, **group},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split()[-2:] == ["FSDPPeftModel", "False"], done.stdout

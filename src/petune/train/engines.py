@@ -16,6 +16,7 @@ torch.distributed.checkpoint (trained tensors and their optimizer state, each pr
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -131,7 +132,8 @@ class Fsdp(Engine):
     FOLDER = "fsdp"
 
     def prepare(self, model: nn.Module, optimizer: Any) -> tuple[nn.Module, Any]:
-        trained, optimizer = self.accelerator.prepare(model, optimizer)
+        with _deepspeed_unseen():
+            trained, optimizer = self.accelerator.prepare(model, optimizer)
         return trained, optimizer
 
     def micro_batch(self, last: bool) -> contextlib.AbstractContextManager[Any]:
@@ -176,6 +178,25 @@ class Fsdp(Engine):
             optim_state_dict=state["optimizer"],
             options=StateDictOptions(ignore_frozen_params=True, strict=False),  # the frozen base is not saved
         )
+
+
+@contextlib.contextmanager
+def _deepspeed_unseen() -> Iterator[None]:
+    """While accelerate prepares an FSDP2 model, it does not import DeepSpeed. Its `extract_model_from_parallel`
+    (called on the model first) imports DeepSpeed whenever it is installed, to unwrap a `DeepSpeedEngine`, which
+    an FSDP2 model never is: on a CPU that import kept +146 MiB in each process for the rest of the run (SmolLM2,
+    2 processes: 75 MiB of library pages, 71 anonymous; BENCHMARKS.md, issue 18). A no-op once DeepSpeed is in."""
+    from accelerate.utils import other
+
+    available = getattr(other, "is_deepspeed_available", None)
+    if "deepspeed" in sys.modules or available is None:  # nothing to save, or an accelerate that looks elsewhere
+        yield
+        return
+    other.is_deepspeed_available = lambda: False
+    try:
+        yield
+    finally:
+        other.is_deepspeed_available = available
 
 
 def frozen_bytes(model: nn.Module) -> tuple[int, int]:
