@@ -71,6 +71,9 @@ class Engine:
     def gathered(self) -> Iterator[dict[str, torch.Tensor]]:
         yield {name: p.detach() for name, p in self.model.named_parameters() if p.requires_grad}
 
+    def forward_only_done(self) -> None:
+        """After a forward with no backward to follow (a check before training): release what it gathered."""
+
     def save(self, folder: Path) -> None:
         raise NotImplementedError
 
@@ -150,6 +153,15 @@ class Fsdp(Engine):
             yield tensors
         finally:
             self.trained.reshard()  # type: ignore[operator]
+
+    def forward_only_done(self) -> None:
+        """FSDP2 leaves the root's parameters and those of any unit it does not reshard after forward (the
+        embedding's) unsharded until the backward: a forward with no backward would keep them whole."""
+        from torch.distributed.fsdp import FSDPModule
+
+        for module in self.trained.modules():
+            if isinstance(module, FSDPModule):
+                module.reshard()
 
     def _state(self) -> tuple[dict[str, Any], Any]:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict

@@ -119,7 +119,9 @@ def check_packing(run: Run) -> None:
     objective, cfg = run.objective, run.cfg
     if not (cfg.packing or (isinstance(objective, SftObjective) and objective.pack_length)):
         return
-    if keeps_packed_examples_apart(run.engine.trained, run.accelerator.device):
+    apart = keeps_packed_examples_apart(run.engine.trained, run.accelerator.device)
+    run.engine.forward_only_done()
+    if apart:
         return
     kind = getattr(getattr(run.model, "config", None), "model_type", "this model")
     what = f"{kind}'s attention does not keep examples in one row apart"
