@@ -120,10 +120,14 @@ def _head_runs_alone(model: nn.Module, head: nn.Module) -> bool:
     if getattr(config, "is_prompt_learning", False) or "forward" in vars(head):
         return False
     get_base = getattr(model, "get_base_model", None)
-    model_config = getattr(get_base() if get_base is not None else model, "config", None)
-    if any(getattr(model_config, name, None) not in (None, 1, 1.0) for name in LOGIT_TRANSFORMS):
+    if transforms_logits(getattr(get_base() if get_base is not None else model, "config", None)):
         return False
     return _frozen_linear(head)
+
+
+def transforms_logits(config: Any) -> bool:
+    """Whether a model of this config changes its head's output before it is the logits (`LOGIT_TRANSFORMS`)."""
+    return any(getattr(config, name, None) not in (None, 1, 1.0) for name in LOGIT_TRANSFORMS)
 
 
 def _frozen_linear(head: nn.Module) -> bool:

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from petune.loss import LOGIT_TRANSFORMS, causal_lm_loss
+from petune.loss import causal_lm_loss, transforms_logits
 
 NO_LOGITS = (
     "this petune model computed the loss without the full logits (training mode with labels=); "
@@ -72,7 +72,7 @@ def computes_loss_only(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str
     config = getattr(base, "config", None)
     if any(getattr(config, name, None) for name in _CONFIG_FLAGS):
         return False
-    if any(getattr(config, name, None) not in (None, 1, 1.0) for name in LOGIT_TRANSFORMS):
+    if transforms_logits(config):
         return False
     config_of_adapter = model.peft_config.get(model.active_adapter)  # type: ignore[union-attr,operator]
     task_type = getattr(config_of_adapter, "task_type", None)

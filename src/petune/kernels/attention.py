@@ -150,13 +150,16 @@ def packed_segments(mask: torch.Tensor, batch: int, length: int) -> torch.Tensor
     attend) is causal attention within consecutive examples, as transformers builds it for packed rows; else None.
 
     An example starts where a position may not see the one before it; the mask must then equal
-    "same example and not in the future" everywhere (an O(B T^2) comparison of booleans, once per layer).
+    "same example and not in the future" everywhere (an O(B T^2) comparison of booleans, once per layer). A padding
+    mask, where padded positions may not see themselves, is told apart first by its diagonal alone.
     """
     if mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[2:] != (length, length):
         return None
     if mask.shape[0] not in (1, batch):
         return None
     rows = mask[:, 0]
+    if not bool(rows.diagonal(dim1=1, dim2=2).all()):  # a position that may not see itself is padding: O(B T)
+        return None
     starts = ~rows.diagonal(offset=-1, dim1=1, dim2=2)  # (B, T - 1): position t + 1 does not see t
     segments = F.pad(starts.long().cumsum(-1), (1, 0))  # (B, T)
     causal = torch.ones(length, length, dtype=torch.bool, device=mask.device).tril_()
