@@ -11,7 +11,7 @@ import copy
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import torch
 from torch import nn
@@ -471,6 +471,14 @@ class PeftModel(nn.Module):
         print(
             f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
         )
+
+    def train(self, mode: bool = True) -> Self:
+        """`nn.Module.train`, keeping petune's kernels on the base model (`kernels.restore` says what removes
+        them: transformers' re-kernelisation on a train/eval switch)."""
+        patched = kernels.patched_forwards(self.base_model)
+        super().train(mode)
+        kernels.restore(patched)
+        return self
 
     def __getattr__(self, name: str) -> Any:
         # Anything PeftModel does not define is the base model's (config, device, gradient checkpointing...).

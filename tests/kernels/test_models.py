@@ -4,11 +4,13 @@ fewer bytes kept by autograd, gradient checkpointing, and a clean way back to th
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 from torch.utils.checkpoint import checkpoint
+from transformers import AutoModelForCausalLM
 from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
 
 import petune
@@ -187,6 +189,29 @@ def test_get_base_model_computes_what_stock_transformers_does() -> None:
     logits = base(**build_batch()).logits
     kernels.disable(base)
     assert torch.equal(logits, base(**build_batch()).logits)
+
+
+def test_kernels_stay_across_train_and_eval(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """transformers re-kernelises a `from_pretrained` model (hub kernels are on by default once the `kernels`
+    package is installed) on every train/eval switch, removing instance forwards of the modules its hub kernels
+    know: RMSNorm's. `model.train()`, as every training loop calls it, ran stock RMSNorm before this was kept."""
+    build_tiny_model("llama").save_pretrained(tmp_path)
+    base = AutoModelForCausalLM.from_pretrained(tmp_path)
+    config = petune.LoraConfig(task_type="CAUSAL_LM", r=4, target_modules=["q_proj", "v_proj"])
+    model = petune.get_peft_model(base, config)
+    patched = kernels.patched_forwards(model)
+    assert len(patched) == 6
+    for mode in (True, False, True):
+        model.train(mode)
+        assert kernels.patched_forwards(model) == patched
+    calls = count_backwards(monkeypatch)
+    batch = build_batch()
+    model(**batch, labels=batch["input_ids"]).loss.backward()
+    # both layers' MLPs and their norms but the first (its input, the frozen embeddings, needs no gradient)
+    assert sorted(calls) == ["RMSNormFunction"] * 3 + ["SwiGLUFunction"] * 2
+    kernels.disable(model)
+    model.train()  # a user's disable stays
+    assert is_stock(model.get_base_model())
 
 
 def test_opt_out(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -39,7 +39,16 @@ from petune.kernels.base import PatchedForward
 from petune.kernels.rms_norm import RMSNormForward, RMSNormFunction
 from petune.kernels.swiglu import SwiGLUFunction, SwiGLUMLPForward, is_silu
 
-__all__ = ["RMSNormFunction", "SwiGLUFunction", "disable", "enable", "enabled_by_default", "is_enabled"]
+__all__ = [
+    "RMSNormFunction",
+    "SwiGLUFunction",
+    "disable",
+    "enable",
+    "enabled_by_default",
+    "is_enabled",
+    "patched_forwards",
+    "restore",
+]
 
 # transformers families whose RMSNorm and MLP forwards are, line for line, LlamaRMSNorm's and LlamaMLP's
 # (tests/kernels/test_families.py checks that against the installed transformers). Family -> (norm, MLP or None).
@@ -114,3 +123,27 @@ def disable(model: nn.Module) -> int:
 def is_enabled(model: nn.Module) -> bool:
     """Whether any module of `model` runs one of the kernels' forwards."""
     return any(isinstance(vars(module).get("forward"), PatchedForward) for module in model.modules())
+
+
+def patched_forwards(model: nn.Module) -> dict[nn.Module, PatchedForward]:
+    """Every module of `model` running one of the kernels' forwards, with that forward (for `restore`)."""
+    found = {}
+    for module in model.modules():
+        forward = vars(module).get("forward")
+        if isinstance(forward, PatchedForward):
+            found[module] = forward
+    return found
+
+
+def restore(patched: dict[nn.Module, PatchedForward]) -> int:
+    """Put back the forwards of `patched_forwards` that something removed since; returns how many.
+
+    transformers (5.x, with the `kernels` package it installs) re-kernelises a `from_pretrained` model on every
+    switch between train and eval mode, and that removes the instance-level forward of every module its hub
+    kernels know (RMSNorm), petune's among them: without this, `model.train()` silently ran stock RMSNorm."""
+    restored = 0
+    for module, forward in patched.items():
+        if vars(module).get("forward") is not forward:
+            vars(module)["forward"] = forward
+            restored += 1
+    return restored
