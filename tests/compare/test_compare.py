@@ -31,11 +31,11 @@ def test_compare_writes_json_markdown_and_png(
         assert row["status"] == "done"
         assert row["heldout_loss"] > 0 and 0 <= row["exact_match_after"] <= 1
         assert row["peak_memory_mb"] > 100 and row["wall_time_s"] > 0 and row["saved_bytes"] > 0
-    # the tiny model: hidden 32, 2 layers, q 32 -> 32 and v 32 -> 16 with r 8; 20 virtual tokens of 32
+    # the tiny model: hidden 32, 2 layers, q 32 -> 32 and v 32 -> 16 with r 8; prompt tuning: 50 virtual tokens of 32
     model_params = load_file(tiny_model_dir / "model.safetensors")
     assert rows["full"]["trainable_params"] == sum(t.numel() for t in model_params.values())
     assert rows["lora"]["trainable_params"] == 2 * 8 * ((32 + 32) + (32 + 16))
-    assert rows["prompt"]["trainable_params"] == 20 * 32
+    assert rows["prompt"]["trainable_params"] == 50 * 32
     assert rows["full"]["saved_bytes"] > (tiny_model_dir / "model.safetensors").stat().st_size * 0.99
     assert rows["lora"]["saved_bytes"] < 2 * 4 * rows["lora"]["trainable_params"]  # the adapter only
     assert not (output / "full" / "checkpoints").exists()  # a comparison is not resumed: no checkpoints

@@ -87,7 +87,12 @@ def test_a_tiny_run_trains_and_saves_what_peft_loads(
 def test_prompt_tuning_starts_from_sampled_words_unless_told_otherwise() -> None:
     """`petune train --method prompt` initialises from vocabulary embeddings (issue 20: 13% -> 57% exact match on
     the demo data at `petune compare`'s budget); RANDOM stays available, TEXT needs its text."""
-    assert peft_config(build_config({"method": "prompt"}), "unused").prompt_tuning_init == "SAMPLE_VOCAB"
+    default = peft_config(build_config({"method": "prompt"}), "unused")
+    assert default.prompt_tuning_init == "SAMPLE_VOCAB"
+    assert default.num_virtual_tokens == 50  # issue 20: 20 -> 50 tokens, ~57% -> ~80% on the demo data
+    assert (
+        peft_config(build_config({"method": "prompt"}, {"prompt.num_virtual_tokens": 20}), "u").num_virtual_tokens == 20
+    )
     chosen = build_config({"method": "prompt"}, {"prompt.prompt_tuning_init": "RANDOM"})
     assert peft_config(chosen, "unused").prompt_tuning_init == "RANDOM"
     with pytest.raises(petune.train.UserError, match="prompt-tuning-init-text"):
