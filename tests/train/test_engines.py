@@ -151,7 +151,7 @@ def test_a_method_trains_sharded_as_on_one_process(
     the same global batch; within 1e-5, measured 2e-7 to 3e-6), every saved tensor is whole and the checkpoint
     holds what the engine gathered. Prefix tuning trains through its projection MLP by default (values up to ~3,
     and Adam turns the processes' different rounding of near-zero gradients into steps of up to lr): within 5e-5,
-    measured 1.2e-5.
+    measured 1.2e-5. P-tuning's MLP encoder likewise: 1.2e-5 on a CPU with AVX-512 (Intel Xeon), 5e-5 too.
 
     ZeRO-3 partitions a prompt encoder too (HF PEFT users got its tensors saved empty) and keeps DoRA's base
     weights partitioned outside their layer's forward (the norm is taken where DeepSpeed gathers them); FSDP2
@@ -161,7 +161,7 @@ def test_a_method_trains_sharded_as_on_one_process(
     assert main([*tiny_args(tiny_model_dir, tiny_data, tmp_path / "one"), *QUICK, *args]) == 0
     launch([*engine_args(strategy, tiny_model_dir, tiny_data, tmp_path / "two"), *args])
     assert_saved_whole_as_gathered(tmp_path / "two", tiny_model_dir, f"{method} under {strategy}")
-    assert_same_tensors(tmp_path / "one", tmp_path / "two", atol=5e-5 if method == "prefix" else 1e-5)
+    assert_same_tensors(tmp_path / "one", tmp_path / "two", atol=5e-5 if method in ("prefix", "ptuning") else 1e-5)
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
