@@ -112,17 +112,15 @@ def enable(model: nn.Module) -> int:
 def disable(model: nn.Module) -> int:
     """Undo `enable`: every patched module runs its class's forward again; returns how many were restored."""
     switch_attention(model, KERNEL_ATTENTION, "sdpa")
-    restored = 0
-    for module in model.modules():
-        if isinstance(vars(module).get("forward"), PatchedForward):
-            del module.forward
-            restored += 1
-    return restored
+    patched = patched_forwards(model)
+    for module in patched:
+        del module.forward
+    return len(patched)
 
 
 def is_enabled(model: nn.Module) -> bool:
     """Whether any module of `model` runs one of the kernels' forwards."""
-    return any(isinstance(vars(module).get("forward"), PatchedForward) for module in model.modules())
+    return bool(patched_forwards(model))
 
 
 def patched_forwards(model: nn.Module) -> dict[nn.Module, PatchedForward]:
