@@ -6,6 +6,7 @@ AdamW), petune, bf16, on the embedded SmolLM2 at 4 x 256 tokens. Each variant ch
     sdpa           petune's blocked attention kernel off: torch's SDPA (kernels/attention.py)
     stock-rmsnorm  transformers' RMSNorm instead of petune's (kernels/rms_norm.py)
     stock-mlp      transformers' gated MLP instead of petune's SwiGLU (kernels/swiglu.py)
+    compiled-backward  petune's RMSNorm and SwiGLU backward passes compiled (PETUNE_COMPILE=1, kernels/fused.py)
     chunk-128      the loss in chunks of 128 labelled positions, not 256 (petune/loss.py)
     row-blocks     every frozen bf16 projection's products in two halves of the rows where that timed faster on
                    first use (an experiment, not in petune: see benchmarks/row_blocks.py)
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -36,7 +38,7 @@ import step
 import torch
 import torch.nn.functional as F
 
-VARIANTS = ["sdpa", "stock-rmsnorm", "stock-mlp", "chunk-128", "row-blocks"]
+VARIANTS = ["sdpa", "stock-rmsnorm", "stock-mlp", "compiled-backward", "chunk-128", "row-blocks"]
 LOOP_VARIANTS = ["loss-dropped"]  # how the loop is written, not petune: --memory only
 
 
@@ -58,6 +60,17 @@ def apply(variant: str) -> Callable[[], None]:
         call = cls.__call__
         cls.__call__ = lambda self, x: type(self.module).forward(self.module, x)
         return lambda: setattr(cls, "__call__", call)
+    if variant == "compiled-backward":
+        setting = os.environ.get("PETUNE_COMPILE")
+        os.environ["PETUNE_COMPILE"] = "1"
+
+        def restore() -> None:
+            if setting is None:
+                del os.environ["PETUNE_COMPILE"]
+            else:
+                os.environ["PETUNE_COMPILE"] = setting
+
+        return restore
     if variant == "chunk-128":
         defaults = petune.loss.causal_lm_loss.__defaults__
         petune.loss.causal_lm_loss.__defaults__ = (128, None)
