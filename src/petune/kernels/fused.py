@@ -45,28 +45,27 @@ def applies(tensor: torch.Tensor) -> bool:
 
 
 class Fused:
-    """`fn` compiled on its first call; where compiling fails, `fn` as is (for this call: later ones see
-    `applies` false and run the callers' own eager code)."""
+    """`fn` compiled on its first call, for callers that checked `applies`; where compiling fails, `fn` as is
+    (for this call: later ones see `applies` false and run the callers' own eager code)."""
 
     def __init__(self, fn: Callable[..., Any]) -> None:
         self.fn = fn
         self.compiled: Callable[..., Any] | None = None
 
-    def __call__(self, first: torch.Tensor, *args: Any) -> Any:
-        if enabled():
-            try:
-                if self.compiled is None:
-                    self.compiled = torch.compile(self.fn, dynamic=True)  # any token count, one compile
-                return self.compiled(first, *args)
-            except Exception as error:  # any compiler failure: run eager, say so once
-                _failed.append(f"{type(error).__name__}: {error}".splitlines()[0])
-                warnings.warn(
-                    f"petune: compiling the kernels' backward passes failed ({_failed[0]}); running them "
-                    "uncompiled (unset PETUNE_COMPILE to skip compiling)",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
-        return self.fn(first, *args)
+    def __call__(self, *args: Any) -> Any:
+        try:
+            if self.compiled is None:
+                self.compiled = torch.compile(self.fn, dynamic=True)  # any token count, one compile
+            return self.compiled(*args)
+        except Exception as error:  # any compiler failure: run eager, say so once
+            _failed.append(f"{type(error).__name__}: {error}".splitlines()[0])
+            warnings.warn(
+                f"petune: compiling the kernels' backward passes failed ({_failed[0]}); running them "
+                "uncompiled (unset PETUNE_COMPILE to skip compiling)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        return self.fn(*args)
 
 
 def rms_norm_input_gradient(
