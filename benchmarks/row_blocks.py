@@ -16,9 +16,7 @@ import statistics
 import time
 
 import torch
-from library_ablation import _mm  # benchmarks/, on the path when this file runs as a script
-
-GAIN = 0.95
+from library_ablation import GAIN, _mm  # benchmarks/, on the path when this file runs as a script
 
 # (name, input width, output width) of SmolLM2-135M's projections
 PROJECTIONS = [("q/o", 576, 576), ("k/v", 576, 192), ("gate/up", 576, 1536), ("down", 1536, 576)]
