@@ -6,7 +6,8 @@ AdamW), petune, bf16, on the embedded SmolLM2 at 4 x 256 tokens. Each variant ch
     sdpa           petune's blocked attention kernel off: torch's SDPA (kernels/attention.py)
     stock-rmsnorm  transformers' RMSNorm instead of petune's (kernels/rms_norm.py)
     stock-mlp      transformers' gated MLP instead of petune's SwiGLU (kernels/swiglu.py)
-    compiled-backward  petune's RMSNorm and SwiGLU backward passes compiled (PETUNE_COMPILE=1, kernels/fused.py)
+    op-by-op       RMSNorm's and SwiGLU's backward passes and the loss's softmax op by op, not petune's C
+                   kernels (PETUNE_NATIVE=0, kernels/native.py)
     chunk-128      the loss in chunks of 128 labelled positions, not 256 (petune/loss.py)
     row-blocks     every frozen bf16 projection's products in two halves of the rows where that timed faster on
                    first use (an experiment, not in petune: see benchmarks/row_blocks.py)
@@ -38,7 +39,7 @@ import step
 import torch
 import torch.nn.functional as F
 
-VARIANTS = ["sdpa", "stock-rmsnorm", "stock-mlp", "compiled-backward", "chunk-128", "row-blocks"]
+VARIANTS = ["sdpa", "stock-rmsnorm", "stock-mlp", "op-by-op", "chunk-128", "row-blocks"]
 LOOP_VARIANTS = ["loss-dropped"]  # how the loop is written, not petune: --memory only
 
 
@@ -60,15 +61,15 @@ def apply(variant: str) -> Callable[[], None]:
         call = cls.__call__
         cls.__call__ = lambda self, x: type(self.module).forward(self.module, x)
         return lambda: setattr(cls, "__call__", call)
-    if variant == "compiled-backward":
-        setting = os.environ.get("PETUNE_COMPILE")
-        os.environ["PETUNE_COMPILE"] = "1"
+    if variant == "op-by-op":
+        setting = os.environ.get("PETUNE_NATIVE")
+        os.environ["PETUNE_NATIVE"] = "0"
 
         def restore() -> None:
             if setting is None:
-                del os.environ["PETUNE_COMPILE"]
+                del os.environ["PETUNE_NATIVE"]
             else:
-                os.environ["PETUNE_COMPILE"] = setting
+                os.environ["PETUNE_NATIVE"] = setting
 
         return restore
     if variant == "chunk-128":

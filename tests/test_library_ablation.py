@@ -18,7 +18,7 @@ from library_ablation import VARIANTS, apply
 
 import petune
 import petune.loss
-from petune.kernels import RMSNormFunction, SwiGLUFunction, attention, fused
+from petune.kernels import RMSNormFunction, SwiGLUFunction, attention, native
 from tests.conftest import build_tiny_model
 
 
@@ -63,13 +63,17 @@ def test_a_kernel_variant_runs_without_that_kernel_until_undone(
 
 
 def test_every_variant_puts_back_what_it_changed(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("PETUNE_COMPILE", raising=False)
-    before = (attention.MAX_LENGTH, petune.loss.causal_lm_loss.__defaults__, F.linear, fused.enabled())
+    monkeypatch.delenv("PETUNE_NATIVE", raising=False)
+
+    def state() -> tuple[object, ...]:
+        return attention.MAX_LENGTH, petune.loss.causal_lm_loss.__defaults__, F.linear, native.enabled()
+
+    before = state()
     for variant in VARIANTS:
         apply(variant)()
-    assert (attention.MAX_LENGTH, petune.loss.causal_lm_loss.__defaults__, F.linear, fused.enabled()) == before
-    undo = apply("compiled-backward")
-    assert fused.enabled()
+    assert state() == before
+    undo = apply("op-by-op")
+    assert not native.enabled()
     undo()
     undo = apply("chunk-128")
     assert petune.loss.causal_lm_loss.__defaults__ == (128, None)

@@ -159,9 +159,13 @@ class _ChunkLogits(TorchDispatchMode):
         return out
 
 
-@pytest.mark.parametrize(("dtype", "buffers"), [(torch.float32, 1), (torch.bfloat16, 2)])
-def test_every_chunk_reuses_one_logits_buffer(dtype, buffers):
-    """fp32 logits in one buffer, and a 16-bit head's matmul operands in one more, however many chunks there are."""
+@pytest.mark.parametrize(
+    ("dtype", "native", "buffers"), [(torch.float32, "1", 1), (torch.bfloat16, "1", 1), (torch.bfloat16, "0", 2)]
+)
+def test_every_chunk_reuses_one_logits_buffer(dtype, native, buffers, monkeypatch: pytest.MonkeyPatch):
+    """fp32 logits in one buffer, however many chunks there are; a 16-bit head's op-by-op softmax (PETUNE_NATIVE=0)
+    in one more, for its matmuls' operands, where petune's C kernel turns the 16-bit logits into their gradient."""
+    monkeypatch.setenv("PETUNE_NATIVE", native)
     batch = _batch()
     assert int((batch["labels"][:, 1:] != -100).sum()) > 4 * 4  # five chunks of 4, the last one partial
     model = get_peft_model(_llama().to(dtype), LoraConfig(r=4))

@@ -19,6 +19,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.checkpoint import checkpoint
 
+from petune.kernels import native
+
 IGNORE_INDEX = -100
 # Label positions whose logits one chunk computes, in one (rows, vocab) fp32 buffer that every chunk reuses (48 MiB
 # for SmolLM2's 49,152 words), turned into the softmax and the logits' gradient in place. The loss of 1020
@@ -232,9 +234,18 @@ class _FrozenHeadCrossEntropy(torch.autograd.Function):
             weight = weight.float()  # an fp32 copy for this loss only (SmolLM2: 113 MB)
             bias = None if bias is None else bias.float()
         hidden = hidden.to(weight.dtype)
+        rows = min(chunk_size, targets.numel())
+        if bias is None and native.applies(hidden, weight):  # bf16 on a CPU: the softmax in one C pass (native.py)
+            logits = hidden.new_empty((rows, weight.shape[0]))  # turned into its own gradient in place
+            for start in range(0, targets.numel(), chunk_size):
+                piece = slice(start, start + chunk_size)
+                chunk = logits[: hidden[piece].shape[0]]
+                total += native.cross_entropy_(torch.mm(hidden[piece], weight.t(), out=chunk), targets[piece]).sum()
+                grad_hidden[piece] = chunk @ weight
+            ctx.save_for_backward(grad_hidden)
+            return total
         # One fp32 (rows, vocab) buffer for every chunk, and for a 16-bit head one 16-bit buffer for its matmuls'
         # operands: a fresh pair per chunk would leave the allocator holding the freed ones.
-        rows = min(chunk_size, targets.numel())
         buffer = hidden.new_empty((rows, weight.shape[0]), dtype=torch.float32)
         low = None if weight.dtype == torch.float32 else hidden.new_empty((rows, weight.shape[0]))
         for start in range(0, targets.numel(), chunk_size):

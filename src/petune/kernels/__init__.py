@@ -8,9 +8,9 @@ what the gradient of the whole block needs and recompute the cheap elementwise r
     RMSNorm   the input in its own dtype (fp32: the output, which adapters after it keep anyway) and 1/rms
     SwiGLU    gate and up, not silu(gate)
 
-Outputs are bit-identical to transformers'; input gradients equal them to rounding (tests/kernels). With
-`PETUNE_COMPILE=1`, in bf16 on a CPU the two backward passes run compiled, each one loop over the data
-(`fused.py`).
+Outputs are bit-identical to transformers'; input gradients equal them to rounding (tests/kernels). In bf16 on
+a CPU the two backward passes, and the loss's softmax (`petune.loss`), run as C loops (`native.py`, built on first
+use; `PETUNE_NATIVE=0` runs them op by op).
 
 `enable(model)` patches instances, never classes: a recognised module inside a decoder layer gets a
 `forward` attribute of its own, which `disable(model)` deletes again, leaving stock transformers modules; a

@@ -12,7 +12,7 @@ far less: with n = x32 * rstd and g_n = (grad_y * weight) rounded as the forward
 so `RMSNormFunction` keeps the input in its own dtype (or, in fp32, the output y, from which n = y / weight:
 adapters on the projections it feeds keep that same tensor as their input, so it costs nothing extra) and
 `rstd` (4 bytes a row). The forward runs transformers' own operations in the same order, so outputs are bit-identical.
-With `PETUNE_COMPILE=1`, in bf16 on a CPU the gradient above runs compiled, as one loop (`fused.py`).
+In bf16 on a CPU the gradient above runs as one C loop over each row (`native.py`).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from petune.kernels import fused
+from petune.kernels import native
 from petune.kernels.base import PatchedForward
 
 
@@ -44,8 +44,8 @@ class RMSNormFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_y: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
         kept, weight, rstd = ctx.saved_tensors
-        if not ctx.keep_output and fused.applies(kept):  # PETUNE_COMPILE=1, bf16 on a CPU (fused.py)
-            return fused.fused_rms_norm_input_gradient(grad_y, kept, weight, rstd), None, None, None
+        if not ctx.keep_output and native.applies(kept, weight, grad_y):  # bf16 on a CPU: one C loop (native.py)
+            return native.rms_norm_input_gradient(grad_y, kept, weight, rstd), None, None, None
         # The forward rounded n to the input dtype before the product with the weight; so does the gradient.
         grad_n = (grad_y * weight).to(ctx.input_dtype).to(torch.float32)
         normed = kept / weight if ctx.keep_output else torch.mul(kept, rstd)  # n = x32 * rstd, in fp32

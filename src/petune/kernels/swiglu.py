@@ -4,8 +4,8 @@ Autograd keeps three N x I tensors for `act_fn(gate_proj(x)) * up_proj(x)`: gate
 silu(gate) and up (for the product's). `SwiGLUFunction` keeps gate and up and recomputes silu(gate) in
 backward, an elementwise pass that costs far less than the memory it saves (Shazeer 2020, "GLU Variants
 Improve Transformer", defines the layer). The gradients are computed with the same operations autograd
-would use, so they are bit-identical; with `PETUNE_COMPILE=1`, in bf16 on a CPU both come from one compiled
-loop in fp32 instead (`fused.py`), equal to autograd's to bf16 rounding.
+would use, so they are bit-identical, except in bf16 on a CPU, where both come from one C loop in fp32
+(`native.py`), equal to autograd's to bf16 rounding.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from petune.kernels import fused
+from petune.kernels import native
 from petune.kernels.base import PatchedForward
 
 
@@ -31,9 +31,9 @@ class SwiGLUFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         gate, up = ctx.saved_tensors
-        if fused.applies(gate):  # PETUNE_COMPILE=1, bf16 on a CPU: both in one compiled loop (fused.py)
-            grad_gate, grad_up = fused.fused_swiglu_gradients(grad, gate, up)
-            return (grad_gate if ctx.needs_input_grad[0] else None), (grad_up if ctx.needs_input_grad[1] else None)
+        if native.applies(gate, up, grad):  # bf16 on a CPU: both in one C loop (native.py)
+            both = native.swiglu_gradients(grad, gate, up)
+            return (both[0] if ctx.needs_input_grad[0] else None), (both[1] if ctx.needs_input_grad[1] else None)
         grad_gate = grad_up = None
         # In place where possible: on CPU a fresh tensor's page faults cost more than the arithmetic.
         if ctx.needs_input_grad[1]:
