@@ -6,11 +6,13 @@ the loss's softmax over each chunk's (rows x vocab) logits five (max, subtract, 
 conversions between bf16 and fp32: each reads and writes the whole tensor. In C each becomes one loop over a row
 that stays in the core's cache, in fp32, rounded to bf16 once, and the loss no longer needs its fp32 (rows x
 vocab) buffer (48 MiB for SmolLM2). (torch.compile fused the first two as fast, but importing and running the
-compiler cost 43-104 MB of resident memory on SmolLM2's step; this library is 30 kB. BENCHMARKS.md.)
+compiler cost 43-104 MB of resident memory on SmolLM2's step; this library is 26 kB. BENCHMARKS.md.)
 
-The C file is compiled once per machine and source (`cc -O3 -march=native -ffast-math`, about a second) into
-`~/.cache/petune/kernels/` (`$PETUNE_CACHE/kernels`), written under a temporary name and renamed, so processes
-starting together do not see half a file. Rows are split between `torch.get_num_threads()` threads. Where there is
+The C file is compiled once per machine and source (`cc -O3 -march=native -ffast-math -fopenmp`, under a second)
+into `~/.cache/petune/kernels/` (`$PETUNE_CACHE/kernels`), written under a temporary name and renamed, so processes
+starting together do not see half a file. Rows are split between `torch.get_num_threads()` OpenMP threads: the
+library needs `libgomp.so.1`, which in a process with torch loaded is torch's own, so its waiting workers do the
+work. Where there is
 no compiler, or it fails, a warning says so once and the op-by-op code runs; `PETUNE_NATIVE=0` asks for that
 code outright. Results equal the op-by-op ones to bf16 rounding (tests/kernels/test_native.py).
 """
