@@ -12,9 +12,8 @@ The C file is compiled once per machine and source (`cc -O3 -march=native -ffast
 into `~/.cache/petune/kernels/` (`$PETUNE_CACHE/kernels`), written under a temporary name and renamed, so processes
 starting together do not see half a file. Rows are split between `torch.get_num_threads()` OpenMP threads: the
 library needs `libgomp.so.1`, which in a process with torch loaded is torch's own, so its waiting workers do the
-work. Where there is
-no compiler, or it fails, a warning says so once and the op-by-op code runs; `PETUNE_NATIVE=0` asks for that
-code outright. Results equal the op-by-op ones to bf16 rounding (tests/kernels/test_native.py).
+work. Where there is no compiler, or it fails, a warning says so once and the op-by-op code runs; `PETUNE_NATIVE=0`
+asks for that code outright. Results equal the op-by-op ones to bf16 rounding (tests/kernels/test_native.py).
 """
 
 from __future__ import annotations
@@ -29,7 +28,6 @@ import subprocess
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -117,9 +115,12 @@ def _load(path: Path) -> ctypes.CDLL:
     return lib
 
 
-def _call(function: Any, *args: object) -> None:
-    if function(*args, torch.get_num_threads()) != 0:
-        raise MemoryError(f"petune's C kernel {function.__name__} could not allocate its scratch memory")
+def _call(name: str, *args: object) -> None:
+    """Run the library's function `name` on `args` and torch's thread count; callers checked `applies`."""
+    lib = library()
+    assert lib is not None
+    if getattr(lib, name)(*args, torch.get_num_threads()) != 0:
+        raise MemoryError(f"petune's C kernel {name} could not allocate its scratch memory")
 
 
 def rms_norm_input_gradient(
@@ -129,10 +130,8 @@ def rms_norm_input_gradient(
     grad_y, rstd = grad_y.contiguous(), rstd.float().contiguous()
     grad_x = torch.empty_like(x)
     width = x.shape[-1]
-    lib = library()
-    assert lib is not None  # callers checked `applies`
     _call(
-        lib.petune_rms_norm_backward,
+        "petune_rms_norm_backward",
         grad_y.data_ptr(),
         x.data_ptr(),
         weight.contiguous().data_ptr(),
@@ -148,10 +147,8 @@ def swiglu_gradients(grad: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -
     """(d loss / d gate, d loss / d up) of `silu(gate) * up`, all bf16 of one shape."""
     grad = grad.contiguous()
     grad_gate, grad_up = torch.empty_like(gate), torch.empty_like(up)
-    lib = library()
-    assert lib is not None
     _call(
-        lib.petune_swiglu_backward,
+        "petune_swiglu_backward",
         grad.data_ptr(),
         gate.data_ptr(),
         up.data_ptr(),
@@ -169,10 +166,8 @@ def cross_entropy_(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         raise IndexError(f"a target is outside the vocabulary of {logits.shape[1]} words")
     targets = targets.to(torch.int64).contiguous()
     losses = torch.empty(logits.shape[0], dtype=torch.float32)
-    lib = library()
-    assert lib is not None
     _call(
-        lib.petune_cross_entropy,
+        "petune_cross_entropy",
         logits.data_ptr(),
         targets.data_ptr(),
         losses.data_ptr(),
