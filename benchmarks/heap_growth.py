@@ -2,9 +2,11 @@
 the embedded SmolLM2 at 4 x 256 tokens, AdamW: where a plain `python train.py` keeps its memory.
 
     python benchmarks/heap_growth.py --method lora                     # the loop as users write it
-    python benchmarks/heap_growth.py --method lora --variant drop-graph
+    python benchmarks/heap_growth.py --method lora --variant keep-graph
 
-Variants: `default`; `drop-graph` (the loop keeps `loss.detach()`, so the step's autograd graph goes after backward);
+Variants: `default` (petune detaches the previous step's spent loss as the next forward starts, `petune.loss_only`);
+`keep-graph` (`model.detach_spent_loss = False`: the previous step's autograd graph stays with its loss until the
+next forward has returned); `drop-graph` (the loop keeps `loss.detach()`, so the graph goes after backward);
 `adam-first` (Adam's state made before the first step); `keep-grads` (`zero_grad(set_to_none=False)`);
 `per-tensor-adam` (AdamW with `foreach=False`); `no-optimizer`. Prints the main heap's size (`malloc_info`) after
 each step and the peak RSS. Run it on glibc (no LD_PRELOAD of another allocator).
@@ -20,7 +22,7 @@ import re
 import step  # benchmarks/, on the path when this file runs as a script
 import torch
 
-VARIANTS = ["default", "drop-graph", "adam-first", "keep-grads", "per-tensor-adam", "no-optimizer"]
+VARIANTS = ["default", "keep-graph", "drop-graph", "adam-first", "keep-grads", "per-tensor-adam", "no-optimizer"]
 
 
 def main_heap_mb() -> int:
@@ -49,6 +51,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     args = parser.parse_args()
     model = step.wrapped("petune", args.method, step.load_base(args.method, torch.bfloat16))
+    model.detach_spent_loss = args.variant != "keep-graph"
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4, foreach=args.variant != "per-tensor-adam")
     if args.variant == "adam-first":  # the state made on zero gradients, before any activation exists

@@ -126,3 +126,39 @@ def test_a_classifier_with_labels_keeps_its_own_loss_and_logits() -> None:
     wrapped = get_peft_model(base, LoraConfig(task_type="SEQ_CLS", r=4)).train()
     out = wrapped(**build_batch(), labels=torch.tensor([0, 1]))
     assert out.logits.shape == (2, base.config.num_labels) and out.loss is not None
+
+
+def test_the_next_forward_detaches_a_spent_loss_and_keeps_its_value() -> None:
+    wrapped, batch = model("lora"), labelled_batch()
+    first = wrapped(**batch).loss
+    value = first.item()
+    first.backward()
+    assert first.grad_fn is not None  # the graph's nodes stay with the loss until the next forward
+    second = wrapped(**batch).loss
+    assert first.grad_fn is None and not first.requires_grad and first.item() == value
+    assert second.requires_grad and second.grad_fn is not None
+    wrapped.eval()
+    wrapped(**batch)  # a forward that returns logits leaves the training loss alone
+    assert second.grad_fn is not None
+
+
+def test_a_graph_not_yet_freed_is_left_alone() -> None:
+    wrapped, batch = model("lora"), labelled_batch()
+    kept = wrapped(**batch).loss
+    kept.backward(retain_graph=True)
+    pending = wrapped(**batch).loss  # two forwards before one backward, as accumulation over a sum does
+    assert kept.grad_fn is not None
+    third = wrapped(**batch).loss
+    assert pending.grad_fn is not None and kept.grad_fn is not None
+    (kept + pending + third).backward()  # every graph still runs
+    wrapped(**batch)
+    assert third.grad_fn is None  # the last loss returned, now spent
+
+
+def test_detach_spent_loss_false_keeps_the_graph() -> None:
+    wrapped, batch = model("prefix_tuning"), labelled_batch()
+    wrapped.detach_spent_loss = False
+    first = wrapped(**batch).loss
+    first.backward()
+    wrapped(**batch)
+    assert first.grad_fn is not None

@@ -14,10 +14,20 @@ Full logits, and the model's own loss, come back:
   `logits_to_keep`, `shift_labels`, `return_dict=False`, a MoE router loss, TRL's `fused_lm_head=True` (TRL's
   own loss and token-accuracy metrics, which read its log-probabilities), or a model that changes its logits
   after the head (soft-capping, logit scaling), or any task but a causal LM's.
+
+A loop that writes `loss = model(**batch, labels=labels).loss` keeps last step's loss, and with it last step's
+autograd graph, until the next forward has returned: after backward the graph holds no tensors, but its nodes are
+thousands of small allocations left among the freed activations, and on glibc's malloc the next step's activations
+then fit between them badly (SmolLM2 LoRA, 4 x 256 tokens in bf16, 8 steps: glibc's heap 985 MB and peak RSS
+1494 MB kept, 817 and 1325 MB released; `python benchmarks/heap_growth.py --variant keep-graph`, BENCHMARKS.md).
+So the next such forward detaches the previous loss it returned in place (`loss.detach_()`), once a backward has
+freed that graph (with `retain_graph=True`, or before any backward, it is left alone): its value is kept, only its
+`grad_fn` goes, which a spent graph could not run again anyway. `model.detach_spent_loss = False` turns this off.
 """
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,6 +67,56 @@ class LossOnlyOutput(CausalLMOutputWithPast):
     def __post_init__(self) -> None:
         super().__post_init__()
         object.__setattr__(self, "_sealed", True)
+
+
+class _Watch(torch.autograd.Function):
+    """The loss, copied (one number); the input kept for backward serves as a marker that autograd frees with
+    the rest of the graph's saved tensors, which `spent` reads."""
+
+    @staticmethod
+    def forward(ctx: Any, loss: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(loss)
+        return loss.clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        return grad
+
+
+_returned: weakref.WeakKeyDictionary[nn.Module, weakref.ref[torch.Tensor]] = weakref.WeakKeyDictionary()
+
+
+def spent(loss: torch.Tensor) -> bool:
+    """Whether `loss` came from `watched` and a backward has since freed its graph."""
+    node = loss.grad_fn
+    if node is None or type(node).__name__ != "_WatchBackward":
+        return False
+    try:
+        node.saved_tensors  # type: ignore[attr-defined]  # noqa: B018 (raises once a backward has freed them)
+    except RuntimeError:
+        return True
+    return False
+
+
+def release_spent(model: nn.Module) -> None:
+    """Detach the last loss `model` returned (`watched`) if a backward has freed its graph; called as a forward
+    starts, before it allocates anything (see the module's doc)."""
+    previous = _returned.pop(model, None)
+    loss = previous() if previous is not None else None
+    if loss is not None and spent(loss):
+        loss.detach_()
+    elif loss is not None:
+        _returned[model] = weakref.ref(loss)  # not spent yet: a later forward looks again
+
+
+def watched(model: nn.Module, loss: torch.Tensor) -> torch.Tensor:
+    """`loss`, remembered as the last loss `model` returned, for the next forward's `release_spent`; `loss` itself
+    when `model.detach_spent_loss` is False or it needs no gradient."""
+    if not getattr(model, "detach_spent_loss", True) or not loss.requires_grad:
+        return loss
+    out: torch.Tensor = _Watch.apply(loss)
+    _returned[model] = weakref.ref(out)
+    return out
 
 
 def computes_loss_only(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:

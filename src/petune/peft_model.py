@@ -26,7 +26,7 @@ from petune.layers import (
     batch_adapters,
     replace_module,
 )
-from petune.loss_only import LossOnlyOutput, computes_loss_only, loss_only_forward
+from petune.loss_only import LossOnlyOutput, computes_loss_only, loss_only_forward, release_spent, watched
 from petune.methods import method_class
 from petune.methods.base import Method, base_generate
 from petune.quantization import keep_4bit_layers_trainable
@@ -39,13 +39,17 @@ class PeftModel(nn.Module):
     SwiGLU modules run petune's memory-saving kernels (`petune.kernels`: same outputs, less kept for backward)
     unless the environment sets `PETUNE_KERNELS=0`; `petune.kernels.disable(model)` turns them off, and
     `unload()` / `merge_and_unload()` return the base model without them (`get_base_model()` returns the live
-    base model, kernels in place; its outputs are stock transformers' bit for bit).
+    base model, kernels in place; its outputs are stock transformers', bit for bit but in bf16 training on a CPU,
+    where they equal them to rounding).
 
     `return_logits`: False (the default) lets a training-mode forward with `labels=` compute its loss without
     the full logits and return none (`petune.loss_only`); True always returns them, as the base model does.
+    `detach_spent_loss`: True (the default) lets such a forward detach the loss the previous one returned once a
+    backward has freed its graph, which on glibc's malloc keeps the heap from growing (`petune.loss_only`).
     """
 
     return_logits = False
+    detach_spent_loss = True
 
     def __init__(self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default") -> None:
         super().__init__()
@@ -262,12 +266,13 @@ class PeftModel(nn.Module):
         """
         assert self._method is not None
         if computes_loss_only(self, args, kwargs):
+            release_spent(self)
             names = {} if adapter_names is None else {"adapter_names": adapter_names}
             output = loss_only_forward(self, args, {**kwargs, **names})
             penalty = self._method.penalty()  # what the method adds to a `labels=` loss (AdaLoRA's regulariser)
-            if penalty is not None and output.loss is not None:
-                output = LossOnlyOutput(loss=output.loss + penalty)
-            return output
+            assert output.loss is not None
+            loss = output.loss if penalty is None else output.loss + penalty
+            return LossOnlyOutput(loss=watched(self, loss))  # the next call detaches it once spent (petune.loss_only)
         with self._routing(adapter_names):
             if self._disabled or self.active_adapter is None:
                 return self.base_model(*args, **kwargs)

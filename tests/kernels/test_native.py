@@ -69,6 +69,41 @@ def test_rms_norm_gradient_equals_op_by_op_to_rounding(shape: tuple[int, ...], m
 
 
 @needs_compiler
+@pytest.mark.parametrize("shape", [(4, 33, 96), (1, 1, 8)])
+def test_rms_norm_forward_equals_transformers_to_rounding(shape: tuple[int, ...]) -> None:
+    torch.manual_seed(0)
+    x = (3 * torch.randn(shape)).bfloat16()
+    weight = (2 * torch.rand(shape[-1])).bfloat16()
+    y, rstd = native.rms_norm(x, weight, 1e-5)
+    x32 = x.float()
+    expected_rstd = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + 1e-5)
+    expected = weight * (x32 * expected_rstd).bfloat16()  # transformers' LlamaRMSNorm, op by op
+    assert y.dtype == torch.bfloat16 and rstd.dtype == torch.float32 and rstd.shape == (*shape[:-1], 1)
+    torch.testing.assert_close(rstd, expected_rstd, rtol=1e-5, atol=0)
+    torch.testing.assert_close(y.float(), expected.float(), rtol=8e-3, atol=1e-6)  # at most a bf16 rounding apart
+    assert (y != expected).float().mean() < 0.02  # and almost all bit for bit (4 in 589824 at 4 x 256 x 576)
+
+
+@needs_compiler
+def test_the_kernels_forward_passes_run_in_c(monkeypatch: pytest.MonkeyPatch) -> None:
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 16).bfloat16().requires_grad_()
+    gate, up = torch.randn(2, 5, 16).bfloat16().requires_grad_(), torch.randn(2, 5, 16).bfloat16()
+    calls: list[str] = []
+    for name in ("rms_norm", "swiglu"):
+        original = getattr(native, name)
+        monkeypatch.setattr(native, name, lambda *args, o=original, n=name: calls.append(n) or o(*args))
+    normed = RMSNormFunction.apply(x, torch.ones(16).bfloat16(), 1e-5, False)
+    product = SwiGLUFunction.apply(gate, up)
+    assert calls == ["rms_norm", "swiglu"]
+    monkeypatch.setenv("PETUNE_NATIVE", "0")
+    torch.testing.assert_close(RMSNormFunction.apply(x, torch.ones(16).bfloat16(), 1e-5, False), normed)
+    op_by_op = SwiGLUFunction.apply(gate, up)
+    torch.testing.assert_close(op_by_op, product, rtol=8e-3, atol=1e-6)  # torch's two roundings, to its exp
+    assert calls == ["rms_norm", "swiglu"]
+
+
+@needs_compiler
 def test_swiglu_gradients_are_the_fp32_ones_rounded(monkeypatch: pytest.MonkeyPatch) -> None:
     torch.manual_seed(0)
     gate = (3 * torch.randn(3, 50, 70)).bfloat16().requires_grad_()

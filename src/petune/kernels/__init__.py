@@ -9,8 +9,9 @@ what the gradient of the whole block needs and recompute the cheap elementwise r
     SwiGLU    gate and up, not silu(gate)
 
 Outputs are bit-identical to transformers'; input gradients equal them to rounding (tests/kernels). In bf16 on
-a CPU the two backward passes, and the loss's softmax (`petune.loss`), run as C loops (`native.py`, built on first
-use; `PETUNE_NATIVE=0` runs them op by op).
+a CPU both passes of each, and the loss's softmax (`petune.loss`), run as C loops (`native.py`, built on first
+use; `PETUNE_NATIVE=0` runs them op by op): there outputs equal transformers' to bf16 rounding (RMSNorm's sum of
+squares adds in another order; almost every element is bit for bit).
 
 `enable(model)` patches instances, never classes: a recognised module inside a decoder layer gets a
 `forward` attribute of its own, which `disable(model)` deletes again, leaving stock transformers modules; a

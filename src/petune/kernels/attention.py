@@ -8,11 +8,12 @@ together (grouped-query attention without repeating keys and values):
 
     forward   scores in fp32 (bf16 queries and keys upcast), scaled, masked, softmax in fp32; the
               probabilities kept in bf16, as flash attention on a GPU feeds them to its P V product
-    backward  dV = P^T dO, dP = dO V^T in fp32, dS = P (dP - rowsum(dO * O)), dQ = dS K, dK = dS^T Q
+    backward  dV = P^T dO, dP = dO V^T in fp32, dS = P (dP - rowsum(P * dP)), dQ = dS K, dK = dS^T Q
 
-so backward needs no scores. It costs memory: the probabilities, B x heads x ~T^2 / 2 x 2 bytes a layer
-(`saved_bytes`; SmolLM2, batch 4 x 256: 6.1 MB a layer where SDPA keeps 3.2 MB, +87 MB over 30 layers), so it
-runs only up to `MAX_LENGTH` positions. `python benchmarks/attention.py` (SmolLM2's heads, batch 4, forward +
+so backward needs no scores, and no output either (flash attention keeps it for rowsum(dO * O), the same sum).
+It costs memory: the probabilities, B x heads x ~T^2 / 2 x 2 bytes a layer (`saved_bytes`; SmolLM2, batch
+4 x 256: 4.9 MB a layer where SDPA keeps 3.2 MB, +52 MB over 30 layers), so it runs only up to `MAX_LENGTH`
+positions. `python benchmarks/attention.py` (SmolLM2's heads, batch 4, forward +
 backward, 2 cores): bf16 0.44-0.63x SDPA's time from 128 to 512 positions (0.71x at 1024), gradients as
 close to fp64 as SDPA's own bf16 ones. A whole SmolLM2 LoRA step in bf16, 4 x 256, is in BENCHMARKS.md. In
 fp32 (128-row blocks) a LoRA step gained 3.5% for twice the extra memory, so fp32 stays with SDPA.
@@ -188,10 +189,11 @@ AttentionMaskInterface.register(KERNEL_ATTENTION, sdpa_mask)
 
 
 def saved_bytes(batch: int, heads: int, kv_heads: int, length: int, head_dim: int) -> int:
-    """What one call keeps for backward in bf16: queries, keys, values and the output, and the probabilities of
-    every block (its rows x the keys up to its end, for each query head)."""
+    """What one call keeps for backward in bf16: queries, keys and values, and the probabilities of every block
+    (its rows x the keys up to its end, for each query head). Not the output: an output projection that trains
+    keeps that as its input."""
     probabilities = sum((end - start) * end for start, end in _bounds(length))
-    return 2 * batch * (2 * (heads + kv_heads) * length * head_dim + heads * probabilities)
+    return 2 * batch * ((heads + 2 * kv_heads) * length * head_dim + heads * probabilities)
 
 
 def _bounds(length: int) -> list[tuple[int, int]]:
@@ -250,18 +252,14 @@ class BlockedCausalAttention(torch.autograd.Function):
                 p = torch.softmax(scores, dim=-1).to(query.dtype)
                 _scatter(torch.bmm(p, v[:, :end]), out, start, end)
                 probs.append(p)
-        result = out.transpose(1, 2)
-        ctx.save_for_backward(q, k, v, result, *probs)
+        ctx.save_for_backward(q, k, v, *probs)
         ctx.scale = scale
-        return result
+        return out.transpose(1, 2)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, None, None]:
-        q, k, v, out, *probs = ctx.saved_tensors
+        q, k, v, *probs = ctx.saved_tensors
         batch, kv_heads, group, length, dim = q.shape
-        # rowsum(dO * O) = rowsum(dP * P): the softmax's backward without the scores
-        delta = torch.einsum("bhld,bhld->bhl", grad.float(), out.float())
-        delta = delta.view(batch, kv_heads, group, length, 1)
         grad_queries = grad.reshape(batch, kv_heads, group, length, dim)
         grad_q = torch.empty_like(q)
         grad_k = grad_v = k  # placeholders: the last block, which sees every key, writes them first
@@ -270,7 +268,10 @@ class BlockedCausalAttention(torch.autograd.Function):
             p = probs.pop()
             rows, grad_rows = _gather(q, start, end), _gather(grad_queries, start, end)
             grad_p = torch.bmm(grad_rows.float(), v32[:, :end].transpose(1, 2))  # dP in fp32, as flash attention has it
-            grad_s = grad_p.sub_(_gather(delta, start, end)).mul_(p).mul_(ctx.scale).to(q.dtype)
+            # dS = P (dP - rowsum(P dP)): the softmax's backward from the kept probabilities, without the scores
+            # or the output (rowsum(P dP) = rowsum(dO O), which flash attention computes from a kept output)
+            grad_s = grad_p.mul_(p)
+            grad_s = grad_s.addcmul_(p, grad_s.sum(-1, keepdim=True), value=-1).mul_(ctx.scale).to(q.dtype)
             grad_q[:, :, :, start:end] = torch.bmm(grad_s, k[:, :end]).view(batch, kv_heads, group, end - start, dim)
             if end == length:
                 grad_v = torch.bmm(p.transpose(1, 2), grad_rows)

@@ -45,6 +45,23 @@ static inline float exp_fp32(float x) {
     return p * scale;
 }
 
+/* y = bf16(bf16(x * rstd) * weight) with rstd = 1 / sqrt(mean(x^2) + eps), per row of `width`; rstd kept. The
+ * two roundings are transformers' (the normalised row is cast to the input's dtype before the weight's product). */
+static void rms_norm_forward_rows(const uint16_t *x, const uint16_t *weight, float eps, uint16_t *y, float *rstd,
+                                  int64_t width, int64_t first, int64_t last) {
+    for (int64_t row = first; row < last; row++) {
+        const uint16_t *in = x + row * width;
+        uint16_t *out = y + row * width;
+        float squares = 0.0f;
+#pragma omp simd reduction(+ : squares)
+        for (int64_t i = 0; i < width; i++) squares += from_bf16(in[i]) * from_bf16(in[i]);
+        const float r = 1.0f / sqrtf(squares / (float)width + eps);
+        rstd[row] = r;
+#pragma omp simd
+        for (int64_t i = 0; i < width; i++) out[i] = to_bf16(from_bf16(to_bf16(from_bf16(in[i]) * r)) * from_bf16(weight[i]));
+    }
+}
+
 /* d loss / d x of weight * bf16(x * rstd): gn = bf16(grad_y * weight), n = x * rstd,
  * grad_x = rstd * (gn - n * mean(gn * n)), per row of `width`. */
 static void rms_norm_backward_rows(const uint16_t *grad_y, const uint16_t *x, const uint16_t *weight,
@@ -64,6 +81,15 @@ static void rms_norm_backward_rows(const uint16_t *grad_y, const uint16_t *x, co
             const float gn = from_bf16(to_bf16(from_bf16(g[i]) * from_bf16(weight[i])));
             out[i] = to_bf16((gn - from_bf16(in[i]) * r * mean) * r);
         }
+    }
+}
+
+/* bf16(bf16(silu(gate)) * up) for elements [first, last): torch's two roundings. */
+static void swiglu_forward_range(const uint16_t *gate, const uint16_t *up, uint16_t *out, int64_t first, int64_t last) {
+#pragma omp simd
+    for (int64_t i = first; i < last; i++) {
+        const float a = from_bf16(gate[i]);
+        out[i] = to_bf16(from_bf16(to_bf16(a / (1.0f + exp_fp32(-a)))) * from_bf16(up[i]));
     }
 }
 
@@ -113,6 +139,23 @@ static void cross_entropy_rows(uint16_t *logits, const int64_t *targets, float *
 /* ---- the entry points: rows split between `threads` OpenMP threads. Built with -fopenmp, the library
  * needs libgomp.so.1, and in a process that has torch loaded that is torch's own (same name): its threads,
  * already running, do the work, rather than new threads competing with them for the cores. ---- */
+
+int petune_rms_norm_forward(const uint16_t *x, const uint16_t *weight, float eps, uint16_t *y, float *rstd,
+                            int64_t rows, int64_t width, int threads) {
+    const int64_t step = 16;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t first = 0; first < rows; first += step)
+        rms_norm_forward_rows(x, weight, eps, y, rstd, width, first, first + step < rows ? first + step : rows);
+    return 0;
+}
+
+int petune_swiglu_forward(const uint16_t *gate, const uint16_t *up, uint16_t *out, int64_t count, int threads) {
+    const int64_t step = 16384;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t first = 0; first < count; first += step)
+        swiglu_forward_range(gate, up, out, first, first + step < count ? first + step : count);
+    return 0;
+}
 
 int petune_rms_norm_backward(const uint16_t *grad_y, const uint16_t *x, const uint16_t *weight, const float *rstd,
                              uint16_t *grad_x, int64_t rows, int64_t width, int threads) {

@@ -1,7 +1,8 @@
-"""bf16 CPU kernels in C (`native.c`): RMSNorm's and SwiGLU's backward passes and the loss's softmax, one pass
-each over the data, built on first use with the machine's C compiler and called through ctypes.
+"""bf16 CPU kernels in C (`native.c`): RMSNorm's and SwiGLU's forward and backward passes and the loss's
+softmax, one pass each over the data, built on first use with the machine's C compiler and called through ctypes.
 
-Run op by op, RMSNorm's input gradient is a dozen elementwise operations and a row mean, SwiGLU's half a dozen,
+Run op by op, RMSNorm's forward is five elementwise operations and a row mean with three fp32 temporaries the
+size of its input, its input gradient a dozen operations and a row mean, SwiGLU's half a dozen,
 the loss's softmax over each chunk's (rows x vocab) logits five (max, subtract, exp, sum, divide) plus two
 conversions between bf16 and fp32: each reads and writes the whole tensor. In C each becomes one loop over a row
 that stays in the core's cache, in fp32, rounded to bf16 once, and the loss no longer needs its fp32 (rows x
@@ -107,11 +108,13 @@ def _cpu() -> str:
 def _load(path: Path) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(path))
     pointer, size, count = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    lib.petune_rms_norm_forward.argtypes = [pointer, pointer, ctypes.c_float, pointer, pointer, size, size, count]
     lib.petune_rms_norm_backward.argtypes = [pointer] * 5 + [size, size, count]
+    lib.petune_swiglu_forward.argtypes = [pointer] * 3 + [size, count]
     lib.petune_swiglu_backward.argtypes = [pointer] * 5 + [size, count]
     lib.petune_cross_entropy.argtypes = [pointer] * 3 + [size, size, count]
-    for function in (lib.petune_rms_norm_backward, lib.petune_swiglu_backward, lib.petune_cross_entropy):
-        function.restype = ctypes.c_int
+    for name in ("rms_norm_forward", "rms_norm_backward", "swiglu_forward", "swiglu_backward", "cross_entropy"):
+        getattr(lib, f"petune_{name}").restype = ctypes.c_int
     return lib
 
 
@@ -121,6 +124,24 @@ def _call(name: str, *args: object) -> None:
     assert lib is not None
     if getattr(lib, name)(*args, torch.get_num_threads()) != 0:
         raise MemoryError(f"petune's C kernel {name} could not allocate its scratch memory")
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(`weight * bf16(x * rstd)`, fp32 rstd (..., 1)) for bf16 x (..., H) and weight (H), as rms_norm.py's forward."""
+    y = torch.empty_like(x)
+    width = x.shape[-1]
+    rstd = torch.empty(*x.shape[:-1], 1, dtype=torch.float32)
+    _call(
+        "petune_rms_norm_forward",
+        x.data_ptr(),
+        weight.contiguous().data_ptr(),
+        ctypes.c_float(eps),
+        y.data_ptr(),
+        rstd.data_ptr(),
+        x.numel() // max(width, 1),
+        width,
+    )
+    return y, rstd
 
 
 def rms_norm_input_gradient(
@@ -141,6 +162,13 @@ def rms_norm_input_gradient(
         width,
     )
     return grad_x
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """`silu(gate) * up` for bf16 gate and up of one shape, rounded as torch rounds its two operations."""
+    out = torch.empty_like(gate)
+    _call("petune_swiglu_forward", gate.data_ptr(), up.data_ptr(), out.data_ptr(), gate.numel())
+    return out
 
 
 def swiglu_gradients(grad: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

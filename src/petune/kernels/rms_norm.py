@@ -11,8 +11,9 @@ far less: with n = x32 * rstd and g_n = (grad_y * weight) rounded as the forward
 
 so `RMSNormFunction` keeps the input in its own dtype (or, in fp32, the output y, from which n = y / weight:
 adapters on the projections it feeds keep that same tensor as their input, so it costs nothing extra) and
-`rstd` (4 bytes a row). The forward runs transformers' own operations in the same order, so outputs are bit-identical.
-In bf16 on a CPU the gradient above runs as one C loop over each row (`native.py`).
+`rstd` (4 bytes a row). The forward runs transformers' own operations in the same order, so outputs are bit-identical,
+except in bf16 on a CPU: there the forward and the gradient above each run as one C loop over each row
+(`native.py`), the forward rounding as transformers does, its sum of squares added in another order.
 """
 
 from __future__ import annotations
@@ -31,13 +32,17 @@ class RMSNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, eps: float, keep_output: bool) -> torch.Tensor:
+        ctx.input_dtype = x.dtype
+        ctx.keep_output = keep_output
+        if not keep_output and native.applies(x, weight):  # bf16 on a CPU: one C loop (native.py)
+            y, rstd = native.rms_norm(x, weight, eps)
+            ctx.save_for_backward(x, weight, rstd)
+            return y
         x32 = x.to(torch.float32)
         rstd = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)  # (..., 1)
         normed = (x32 * rstd).to(x.dtype)
         # weight * normed, in place when the dtypes allow (a product is the same either way round)
         y = normed.mul_(weight) if torch.result_type(weight, normed) == normed.dtype else weight * normed
-        ctx.input_dtype = x.dtype
-        ctx.keep_output = keep_output
         ctx.save_for_backward(y if keep_output else x, weight, rstd)
         return y
 

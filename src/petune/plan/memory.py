@@ -150,7 +150,8 @@ def layer_activation_bytes(arch: Architecture, setup: Setup, device_kind: str = 
                      fp32 the norm before q/k/v and gate/up keeps its output, which is that input
       attention      q, k, v and the output (a (2q + 2kv)) and the softmax log-sum-exp (4 per head);
                      never the s x s matrix (SDPA / flash attention). In bf16 on a CPU petune's blocked kernel
-                     keeps the probabilities too (`petune.kernels.attention.saved_bytes`)
+                     keeps the probabilities instead of the output and log-sum-exp
+                     (`petune.kernels.attention.saved_bytes`); the output only when o_proj trains
       gated MLP      gate output, SiLU output, up output (3 a i); petune's SwiGLU kernel keeps gate and up (2 a i)
       adapters       LoRA: A's output (a r) per adapted layer; DoRA also the base and low-rank outputs (2 a out).
                      petune's adapters are fp32; LoRA keeps the 16-bit input itself for A's gradient
@@ -185,6 +186,8 @@ def layer_activation_bytes(arch: Architecture, setup: Setup, device_kind: str = 
     if blocked_attention(setup, device_kind):
         heads, length = (arch.num_heads, arch.num_kv_heads), attention_length(setup)
         kept = attention.saved_bytes(batch, *heads, length, arch.head_dim)
+        trains_output = setup.method == "full" or "o_proj" in setup.adapted
+        kept += tokens * a * arch.q_dim * trains_output  # the output, kept by o_proj as its input
     else:
         kept = tokens * (2 * a * arch.q_dim + FP32 * arch.num_heads) + kv_tokens * 2 * a * arch.kv_dim
     return tokens * per_token + kept + casts
