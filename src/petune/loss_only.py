@@ -89,7 +89,7 @@ _returned: weakref.WeakKeyDictionary[nn.Module, weakref.ref[torch.Tensor]] = wea
 def spent(loss: torch.Tensor) -> bool:
     """Whether `loss` came from `watched` and a backward has since freed its graph."""
     node = loss.grad_fn
-    if node is None or type(node).__name__ != "_WatchBackward":
+    if node is None or not isinstance(node, _Watch._backward_cls):
         return False
     try:
         node.saved_tensors  # type: ignore[attr-defined]  # noqa: B018 (raises once a backward has freed them)
