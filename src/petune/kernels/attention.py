@@ -15,7 +15,8 @@ It costs memory: the probabilities, B x heads x ~T^2 / 2 x 2 bytes a layer (`sav
 4 x 256: 4.9 MB a layer where SDPA keeps 3.2 MB, +52 MB over 30 layers), so it runs only up to `MAX_LENGTH`
 positions. `python benchmarks/attention.py` (SmolLM2's heads, batch 4, forward +
 backward, 2 cores): bf16 0.44-0.63x SDPA's time from 128 to 512 positions (0.71x at 1024), gradients as
-close to fp64 as SDPA's own bf16 ones. A whole SmolLM2 LoRA step in bf16, 4 x 256, is in BENCHMARKS.md. In
+close to fp64 as SDPA's own bf16 ones; on an Intel Xeon with AMX, whose bf16 matmuls make SDPA fast, 0.55x at
+128 positions and 0.86-1.00x from 256 to 512. A whole SmolLM2 LoRA step in bf16, 4 x 256, is in BENCHMARKS.md. In
 fp32 (128-row blocks) a LoRA step gained 3.5% for twice the extra memory, so fp32 stays with SDPA.
 
 Packed rows (`petune.train.data.pack`, `pack_batch`) run blocked too: there transformers passes a mask that is

@@ -58,7 +58,8 @@ static void rms_norm_forward_rows(const uint16_t *x, const uint16_t *weight, flo
         const float r = 1.0f / sqrtf(squares / (float)width + eps);
         rstd[row] = r;
 #pragma omp simd
-        for (int64_t i = 0; i < width; i++) out[i] = to_bf16(from_bf16(to_bf16(from_bf16(in[i]) * r)) * from_bf16(weight[i]));
+        for (int64_t i = 0; i < width; i++)
+            out[i] = to_bf16(from_bf16(to_bf16(from_bf16(in[i]) * r)) * from_bf16(weight[i]));
     }
 }
 
