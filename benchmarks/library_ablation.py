@@ -6,8 +6,8 @@ AdamW), petune, bf16, on the embedded SmolLM2 at 4 x 256 tokens. Each variant ch
     sdpa           petune's blocked attention kernel off: torch's SDPA (kernels/attention.py)
     stock-rmsnorm  transformers' RMSNorm instead of petune's (kernels/rms_norm.py)
     stock-mlp      transformers' gated MLP instead of petune's SwiGLU (kernels/swiglu.py)
-    op-by-op       RMSNorm's and SwiGLU's backward passes and the loss's softmax op by op, not petune's C
-                   kernels (PETUNE_NATIVE=0, kernels/native.py)
+    op-by-op       RMSNorm's and SwiGLU's forward and backward passes and the loss's softmax op by op, not
+                   petune's C kernels (PETUNE_NATIVE=0, kernels/native.py)
     chunk-128      the loss in chunks of 128 labelled positions, not 256 (petune/loss.py)
     row-blocks     every frozen bf16 projection's products in two halves of the rows where that timed faster on
                    first use (an experiment, not in petune: see benchmarks/row_blocks.py)

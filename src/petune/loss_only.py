@@ -101,12 +101,10 @@ def spent(loss: torch.Tensor) -> bool:
 def release_spent(model: nn.Module) -> None:
     """Detach the last loss `model` returned (`watched`) if a backward has freed its graph; called as a forward
     starts, before it allocates anything (see the module's doc)."""
-    previous = _returned.pop(model, None)
+    previous = _returned.get(model)
     loss = previous() if previous is not None else None
-    if loss is not None and spent(loss):
+    if loss is not None and spent(loss):  # not spent yet: left for a later forward to look at again
         loss.detach_()
-    elif loss is not None:
-        _returned[model] = weakref.ref(loss)  # not spent yet: a later forward looks again
 
 
 def watched(model: nn.Module, loss: torch.Tensor) -> torch.Tensor:

@@ -165,8 +165,8 @@ def layer_activation_bytes(arch: Architecture, setup: Setup, device_kind: str = 
     shapes = linear_shapes(arch)
     per_token = 2 * norm_bytes(arch, setup, kernels)
     per_token += (2 if kernels else 3) * a * i
+    trains = set(shapes) if setup.method == "full" else set(setup.adapted)
     if setup.method != "dora" or setup.precision == "fp32":  # layers sharing an input keep one copy of it
-        trains = set(shapes) if setup.method == "full" else set(setup.adapted)
         if not (kernels and setup.precision == "fp32"):  # there the norm's kept output is that input
             per_token += a * h * bool(trains & {"q_proj", "k_proj", "v_proj"})
             per_token += a * h * bool(trains & {"gate_proj", "up_proj"})
@@ -186,8 +186,7 @@ def layer_activation_bytes(arch: Architecture, setup: Setup, device_kind: str = 
     if blocked_attention(setup, device_kind):
         heads, length = (arch.num_heads, arch.num_kv_heads), attention_length(setup)
         kept = attention.saved_bytes(batch, *heads, length, arch.head_dim)
-        trains_output = setup.method == "full" or "o_proj" in setup.adapted
-        kept += tokens * a * arch.q_dim * trains_output  # the output, kept by o_proj as its input
+        kept += tokens * a * arch.q_dim * ("o_proj" in trains)  # the output, kept by o_proj as its input
     else:
         kept = tokens * (2 * a * arch.q_dim + FP32 * arch.num_heads) + kv_tokens * 2 * a * arch.kv_dim
     return tokens * per_token + kept + casts
