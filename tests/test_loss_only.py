@@ -162,3 +162,12 @@ def test_detach_spent_loss_false_keeps_the_graph() -> None:
     first.backward()
     wrapped(**batch)
     assert first.grad_fn is not None
+
+
+def test_turning_detach_spent_loss_off_between_steps_keeps_the_last_graph() -> None:
+    wrapped, batch = model("lora"), labelled_batch()
+    first = wrapped(**batch).loss
+    first.backward()
+    wrapped.detach_spent_loss = False
+    wrapped(**batch)
+    assert first.grad_fn is not None

@@ -100,8 +100,8 @@ def spent(loss: torch.Tensor) -> bool:
 
 def release_spent(model: nn.Module) -> None:
     """Detach the last loss `model` returned (`watched`) if a backward has freed its graph; called as a forward
-    starts, before it allocates anything (see the module's doc)."""
-    previous = _returned.get(model)
+    starts, before it allocates anything (see the module's doc); nothing while `model.detach_spent_loss` is False."""
+    previous = _returned.get(model) if getattr(model, "detach_spent_loss", True) else None
     loss = previous() if previous is not None else None
     if loss is not None and spent(loss):  # not spent yet: left for a later forward to look at again
         loss.detach_()
